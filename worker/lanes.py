@@ -1,0 +1,297 @@
+"""A lane: one provider account, with its own rate, in-flight cap and buffer of claimed jobs.
+
+Rate shaping. `rate_per_s` is the provider's limit as it counts it: requests in any one-second
+window. A leaky bucket of capacity `c` draining at r/s lets at most `c - 1 + r` requests into
+any one-second window, so the lane drains at `r = (rate_per_s - (c - 1)) / (1 + rate_headroom)`
+with `c = burst + SLACK`: the window promise holds at the sender, and the headroom (1% by
+default, i.e. 10 ms a second) absorbs network jitter that could bunch requests up on their way.
+The half-request SLACK lets a send that woke late be made up by the next one; without it every
+timer overshoot is lost for good (capacity 1 reached only 90% of a 200/s limit). A plain
+`AsyncLimiter(rate_per_s, 1)` would let up to twice the limit through in the first second.
+
+Rate and concurrency are separate knobs, and both are held only around the HTTP call: a job is
+validated and built before it waits for a token, so a bad payload never spends one.
+
+A lane claims only what it can start soon (`prefetch_s` of its rate plus its in-flight cap, and
+never more than it can start in half a lease), so a slow lane neither hoards jobs nor starves
+others. A 429 pauses the whole lane for Retry-After (1 s if absent) and puts the job back at the
+front of the buffer: the throttle is the worker's fault, and costs the job no attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+
+from worker import http
+from worker.connection import wait_for_event
+from worker.db import Outcome
+from worker.errors import InvalidPayloadError, ProviderError, ThrottledError
+from worker.jobs import Job, ProviderRequest
+from worker.logs import get_logger
+from worker.outcomes import OutcomeLadder
+from worker.providers import ProviderAdapter
+from worker.settings import LaneSettings
+
+Claim = Callable[[int], Awaitable[list[Job]]]
+Record = Callable[[Outcome], None]
+
+
+@dataclass(slots=True)
+class LaneCounts:
+    """What a lane did in this run (for the summary and the progress display)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    throttled: int = 0
+    unknown: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+SLACK = 0.5
+
+
+def bucket_capacity(settings: LaneSettings) -> float:
+    return settings.burst + SLACK
+
+
+def drain_rate(settings: LaneSettings) -> float:
+    """Requests per second the lane's bucket lets out, so no one-second window exceeds the limit."""
+    allowed = settings.rate_per_s - (bucket_capacity(settings) - 1)
+    return max(allowed, 0.01) / (1 + settings.rate_headroom)
+
+
+class Lane:
+    def __init__(
+        self,
+        provider: str,
+        account: str,
+        settings: LaneSettings,
+        adapter: ProviderAdapter,
+        ladder: OutcomeLadder,
+        *,
+        prefetch_s: float,
+        lease_s: float,
+        claim_batch_size: int,
+    ) -> None:
+        self.provider, self.account, self.settings = provider, account, settings
+        self.name = f"{provider}/{account}"
+        self.adapter, self.ladder = adapter, ladder
+        rate = drain_rate(settings)
+        capacity = bucket_capacity(settings)
+        self.limiter = AsyncLimiter(capacity, capacity / rate)
+        self.slots = asyncio.Semaphore(settings.max_in_flight)
+        self.timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s, sock_connect=settings.connect_timeout_s
+        )
+        soon = math.ceil(rate * prefetch_s) + settings.max_in_flight
+        self.target = max(1, min(claim_batch_size, soon, math.floor(rate * lease_s / 2)))
+        self.buffer: deque[Job] = deque()
+        self.in_flight: dict[asyncio.Task[None], Job] = {}
+        self.paused_until = 0.0
+        self.wake = asyncio.Event()  # jobs may be claimable (NOTIFY, poll, retry)
+        self.has_jobs = asyncio.Event()
+        self.exhausted = False  # the last claim found nothing
+        self.counts = LaneCounts()
+        self.log = get_logger(provider=provider, account=account)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered, nothing in flight, and the queue had nothing for it."""
+        return self.exhausted and not self.buffer and not self.in_flight
+
+    def held_job_ids(self) -> list[int]:
+        """Jobs this lane holds a lease on: buffered and in flight (for the heartbeat)."""
+        return [job.id for job in self.buffer] + [job.id for job in self.in_flight.values()]
+
+    async def feed(self, claim: Claim, stop: asyncio.Event, poll_interval_s: float) -> None:
+        """Keep the buffer topped up from the queue until `stop`."""
+        while not stop.is_set():
+            if len(self.buffer) > self.target // 2:
+                await wait_for_event(self.wake, poll_interval_s)
+                self.wake.clear()
+                continue
+            jobs = await claim(self.target - len(self.buffer))
+            if stop.is_set():
+                self.buffer.extend(jobs)  # handed back by the runner's shutdown
+                return
+            self.exhausted = not jobs and not self.buffer
+            if jobs:
+                self.buffer.extend(jobs)
+                self.has_jobs.set()
+            else:
+                self.wake.clear()
+                await wait_for_event(self.wake, poll_interval_s)
+
+    async def dispatch(
+        self, session: aiohttp.ClientSession, record: Record, stop: asyncio.Event
+    ) -> None:
+        """Start buffered jobs, never faster than the lane's rate and in-flight cap."""
+        while not stop.is_set():
+            if not self.buffer:
+                self.has_jobs.clear()
+                self.wake.set()
+                await _first(self.has_jobs, stop)
+                continue
+            await self._wait_unpaused(stop)
+            if stop.is_set():
+                return
+            job = self.buffer.popleft()
+            if len(self.buffer) <= self.target // 2:
+                self.wake.set()
+            request = self._build(job, record)
+            if request is None:
+                continue
+            await self._acquire(job)
+            self._start(session, job, request, record)
+
+    async def _acquire(self, job: Job) -> None:
+        """Take an in-flight slot, then a rate token; if cancelled, the job goes back unsent."""
+        await _or_put_back(self.slots.acquire(), job, self.buffer)
+        try:
+            await _or_put_back(self.limiter.acquire(), job, self.buffer)
+        except asyncio.CancelledError:
+            self.slots.release()
+            raise
+
+    def _build(self, job: Job, record: Record) -> ProviderRequest | None:
+        try:
+            return self.adapter.build_request(job, self.settings)
+        except InvalidPayloadError as exc:
+            self._finish(job, self.ladder.failure(job, exc), record, 0.0)
+        except Exception as exc:
+            self.log.exception("adapter_crashed", job_id=job.id)
+            self._finish(job, self.ladder.unexpected(job, exc, sent=False), record, 0.0)
+        return None
+
+    def _start(
+        self, session: aiohttp.ClientSession, job: Job, request: ProviderRequest, record: Record
+    ) -> None:
+        task = asyncio.create_task(self._attempt(session, job, request, record))
+        self.in_flight[task] = job
+        task.add_done_callback(self.in_flight.pop)
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, job: Job, request: ProviderRequest, record: Record
+    ) -> None:
+        """Send one job and record its outcome; the one place an attempt ends."""
+        started = time.perf_counter()
+        try:
+            answer = await http.send(session, self.settings.base_url, request, self.timeout)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.counts.latencies_ms.append(elapsed_ms)
+            created = self.adapter.parse_response(answer.status, answer.headers, answer.body)
+            outcome = self.ladder.success(job, created)
+        except ThrottledError as exc:
+            self._throttled(job, exc)
+            return
+        except ProviderError as exc:
+            outcome = self.ladder.failure(job, exc)
+        except asyncio.CancelledError:
+            self._finish(job, self.ladder.interrupted(job), record, started)
+            raise
+        except Exception as exc:
+            self.log.exception("attempt_crashed", job_id=job.id)
+            outcome = self.ladder.unexpected(job, exc, sent=True)
+        finally:
+            self.slots.release()
+        self._finish(job, outcome, record, started)
+
+    def _throttled(self, job: Job, exc: ThrottledError) -> None:
+        pause_s = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+        self.paused_until = max(self.paused_until, time.monotonic() + pause_s)
+        self.buffer.appendleft(job)
+        self.has_jobs.set()
+        self.counts.throttled += 1
+        self.log.warning("lane_throttled", job_id=job.id, pause_s=pause_s)
+
+    def _finish(self, job: Job, outcome: Outcome, record: Record, started: float) -> None:
+        record(outcome)
+        duration_ms = round((time.perf_counter() - started) * 1000, 1) if started else 0.0
+        counts = self.counts
+        if outcome.unknown_outcome:
+            counts.unknown += 1
+        if outcome.state == "succeeded":
+            counts.succeeded += 1
+            self.log.info(
+                "job_succeeded", job_id=job.id, attempt=job.attempt, duration_ms=duration_ms
+            )
+        elif outcome.state == "failed":
+            counts.failed += 1
+            self.log.warning(
+                "job_failed",
+                job_id=job.id,
+                attempt=job.attempt,
+                duration_ms=duration_ms,
+                kind=outcome.error_kind,
+                error=outcome.error,
+            )
+        else:
+            counts.retried += 1
+            self.log.info(
+                "job_retry_scheduled",
+                job_id=job.id,
+                attempt=job.attempt,
+                duration_ms=duration_ms,
+                kind=outcome.error_kind,
+                retry_in_s=round(outcome.retry_in_s, 2),
+                error=outcome.error,
+            )
+
+    async def _wait_unpaused(self, stop: asyncio.Event) -> None:
+        remaining = self.paused_until - time.monotonic()
+        if remaining > 0:
+            await wait_for_event(stop, remaining)
+
+    async def finish(self, grace_s: float, hurry: asyncio.Event) -> None:
+        """Let in-flight calls end within `grace_s` (or until `hurry`), then cancel the rest.
+
+        A cancelled call is recorded as interrupted: retried, with its outcome unknown.
+        """
+        if self.in_flight:
+            calls = asyncio.gather(*self.in_flight, return_exceptions=True)
+            await _first_done(calls, hurry, grace_s)
+        for task in list(self.in_flight):
+            task.cancel()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight))
+
+    def take_buffer(self) -> list[Job]:
+        """Remove and return the claimed jobs that were never started (to hand back)."""
+        jobs = list(self.buffer)
+        self.buffer.clear()
+        return jobs
+
+
+async def _or_put_back(waiting: Awaitable[object], job: Job, buffer: deque[Job]) -> None:
+    try:
+        await waiting
+    except asyncio.CancelledError:
+        buffer.appendleft(job)
+        raise
+
+
+async def _first_done(work: asyncio.Future[Any], hurry: asyncio.Event, timeout_s: float) -> None:
+    """Wait for `work`, at most `timeout_s`, and not past `hurry` being set."""
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({work, hurried}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+
+
+async def _first(event: asyncio.Event, stop: asyncio.Event) -> None:
+    """Wait until `event` or `stop` is set."""
+    if event.is_set() or stop.is_set():
+        return
+    waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()

@@ -1,0 +1,49 @@
+"""structlog, configured once at start: JSON lines when stderr is no terminal, colours when it is.
+
+Events are snake_case (`job_succeeded`); per-lane fields are bound on the lane's logger; values
+that could hold secrets (headers, payloads, credentials) are never passed to a log call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(
+    level: str = "info", log_format: Literal["auto", "json", "console"] = "auto"
+) -> None:
+    """Set up structlog for the whole process."""
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(**initial: Any) -> Any:
+    """A logger with `initial` fields bound."""
+    return structlog.get_logger("linkworker").bind(**initial)

@@ -1,0 +1,81 @@
+"""Batched, fenced write-back of job outcomes.
+
+Lanes hand outcomes to `add` (no I/O, no await); one loop writes them in batches of up to
+`batch_size` rows per statement, waiting at most `flush_interval_s` to fill a batch. If Postgres
+is away the outcomes stay here (bounded by what the lanes had claimed) and are written when it
+is back; the leases of those jobs are kept alive by the heartbeat meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+from worker import db
+from worker.connection import PgConnection, wait_for_event
+from worker.db import Outcome
+from worker.logs import get_logger
+
+
+class Recorder:
+    def __init__(
+        self, conn: PgConnection, *, worker_id: str, batch_size: int, flush_interval_s: float
+    ) -> None:
+        self.conn = conn
+        self.worker_id = worker_id
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.pending: list[Outcome] = []
+        self.writing: list[Outcome] = []
+        self.has_items = asyncio.Event()
+        self.full = asyncio.Event()
+        self.written = 0
+        self.fenced = 0
+        self.log = get_logger()
+
+    @property
+    def empty(self) -> bool:
+        return not self.pending and not self.writing
+
+    def add(self, outcome: Outcome) -> None:
+        self.pending.append(outcome)
+        self.has_items.set()
+        if len(self.pending) >= self.batch_size:
+            self.full.set()
+
+    def held_job_ids(self) -> list[int]:
+        """Jobs finished here but not yet written: their leases must be kept alive."""
+        return [o.job_id for o in self.pending] + [o.job_id for o in self.writing]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write outcomes as they come, until `stop`; the final flush is `flush()`."""
+        while not stop.is_set():
+            await wait_for_event(self.has_items, self.flush_interval_s * 10)
+            if not self.pending:
+                continue
+            if len(self.pending) < self.batch_size:
+                await wait_for_event(self.full, self.flush_interval_s)
+            await self.flush(give_up=None)
+
+    async def flush(self, *, give_up: asyncio.Event | None) -> None:
+        """Write everything pending now."""
+        while self.pending:
+            self.writing = self.pending[: self.batch_size]
+            self.pending = self.pending[self.batch_size :]
+            if not self.pending:
+                self.has_items.clear()
+            self.full.clear()
+            stored = await self.conn.run(
+                partial(db.record, worker_id=self.worker_id, outcomes=self.writing),
+                give_up=give_up,
+            )
+            batch = self.writing
+            self.writing = []
+            self._count(len(batch), stored)
+
+    def _count(self, sent: int, stored: int) -> None:
+        self.written += stored
+        if stored < sent:
+            # another worker rescued these jobs after our lease ran out; its attempt wins
+            self.fenced += sent - stored
+            self.log.warning("write_back_fenced", rows=sent - stored)

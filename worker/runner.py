@@ -1,0 +1,273 @@
+"""The worker: lanes fed from the queue, a write-back loop, LISTEN, and upkeep, supervised.
+
+    stop event ──▶ every loop ends; in-flight calls get `shutdown_grace_s` (a second signal
+                   cuts it short), unstarted claims go back to pending at once, every known
+                   outcome is written, then `run` returns.
+
+All background loops run in one TaskGroup: if one dies, the worker stops loudly instead of
+running half-alive. In drain mode the worker sets its own stop event once no job of its lanes
+is pending or running (retries included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+
+from worker import db, http
+from worker.connection import LostConnection, PgConnection, wait_for_event
+from worker.errors import ConfigError
+from worker.jobs import Job
+from worker.lanes import Claim, Lane, LaneCounts
+from worker.logs import get_logger
+from worker.migrations import require_current_schema
+from worker.outcomes import OutcomeLadder, Scrubber
+from worker.providers import ADAPTERS
+from worker.recorder import Recorder
+from worker.retry import RetryPolicy
+from worker.settings import Settings
+
+DRAIN_CHECK_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    lanes: dict[str, LaneCounts]
+    elapsed_s: float
+    drained: bool
+
+    def total(self, field: str) -> int:
+        return sum(int(getattr(counts, field)) for counts in self.lanes.values())
+
+    def line(self) -> str:
+        done = self.total("succeeded") + self.total("failed")
+        rate = done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        verb = "drained" if self.drained else "stopped"
+        return (
+            f"{verb} in {self.elapsed_s:.1f} s: {self.total('succeeded')} succeeded, "
+            f"{self.total('failed')} failed, {self.total('retried')} retries scheduled, "
+            f"{self.total('throttled')} throttled, {self.total('unknown')} unknown outcomes "
+            f"({rate:.1f} jobs/s)"
+        )
+
+
+def build_lanes(settings: Settings) -> list[Lane]:
+    """One lane per configured (provider, account)."""
+    scrub = Scrubber(settings.secrets())
+    policy = RetryPolicy(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s)
+    return [
+        Lane(
+            provider,
+            account,
+            lane_settings,
+            ADAPTERS[provider],
+            OutcomeLadder(policy, on_unknown_outcome=lane_settings.on_unknown_outcome, scrub=scrub),
+            prefetch_s=settings.prefetch_s,
+            lease_s=settings.lease_s,
+            claim_batch_size=settings.claim_batch_size,
+        )
+        for provider, account, lane_settings in settings.lanes()
+    ]
+
+
+class Runner:
+    def __init__(self, settings: Settings, *, drain: bool, stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.drain = drain
+        self.stop = stop
+        self.hurry = asyncio.Event()  # a second signal: cut the grace period short
+        self.drained = False
+        dsn = settings.database_url
+        self.claims = PgConnection(dsn, "claim")
+        self.upkeep = PgConnection(dsn, "upkeep")
+        self.listen = PgConnection(dsn, "listen")
+        self.recorder = Recorder(
+            PgConnection(dsn, "write"),
+            worker_id=settings.worker_id,
+            batch_size=settings.write_batch_size,
+            flush_interval_s=settings.flush_interval_s,
+        )
+        self.lanes = build_lanes(settings)
+        self.by_name = {lane.name: lane for lane in self.lanes}
+        self.log = get_logger(worker_id=settings.worker_id)
+
+    async def run(self) -> RunSummary:
+        """Work until the stop event (or, in drain mode, until nothing is left)."""
+        if not self.lanes:
+            raise ConfigError("no provider is configured: add a [providers.<name>] section")
+        started = time.monotonic()
+        await self.upkeep.run(self._check_database, give_up=self.stop)
+        self.log.info("worker_started", lanes=list(self.by_name), drain=self.drain)
+        session = http.create_session(sum(lane.settings.max_in_flight for lane in self.lanes))
+        try:
+            async with session:
+                await self._supervise(session)
+        finally:
+            for conn in (self.claims, self.upkeep, self.listen, self.recorder.conn):
+                await conn.close()
+        summary = RunSummary(
+            {lane.name: lane.counts for lane in self.lanes},
+            time.monotonic() - started,
+            self.drained,
+        )
+        self.log.info("worker_stopped", summary=summary.line())
+        return summary
+
+    async def _check_database(self, conn: asyncpg.Connection) -> None:
+        await require_current_schema(conn)
+        configured = {lane.provider for lane in self.lanes}
+        missing = sorted(await db.pending_providers(conn) - configured)
+        if missing:
+            name = missing[0]
+            raise ConfigError(
+                f"jobs are waiting for provider {name!r} but providers.{name} is not configured: "
+                f"add a [providers.{name}] section with its credentials "
+                f"(or LINKWORKER_PROVIDERS__{name.upper()}__... variables)"
+            )
+
+    async def _supervise(self, session: aiohttp.ClientSession) -> None:
+        stop = self.stop
+        async with asyncio.TaskGroup() as group:
+            background = [
+                group.create_task(self.recorder.run(stop)),
+                group.create_task(self._listen()),
+                group.create_task(self._upkeep()),
+            ]
+            feeders = [
+                group.create_task(
+                    lane.feed(self._claimer(lane), stop, self.settings.poll_interval_s)
+                )
+                for lane in self.lanes
+            ]
+            dispatchers = [
+                group.create_task(lane.dispatch(session, self.recorder.add, stop))
+                for lane in self.lanes
+            ]
+            if self.drain:
+                background.append(group.create_task(self._watch_drain()))
+            await stop.wait()
+            await self._shut_down(feeders, dispatchers, background)
+
+    async def _shut_down(
+        self,
+        feeders: list[asyncio.Task[None]],
+        dispatchers: list[asyncio.Task[None]],
+        background: list[asyncio.Task[None]],
+    ) -> None:
+        self.log.info("worker_stopping", in_flight=sum(len(lane.in_flight) for lane in self.lanes))
+        for task in dispatchers:
+            task.cancel()
+        for lane in self.lanes:
+            lane.wake.set()  # feeders leave their waits now
+        await asyncio.gather(*feeders, *dispatchers, return_exceptions=True)
+        grace = 0.0 if self.hurry.is_set() else self.settings.shutdown_grace_s
+        await asyncio.gather(*(lane.finish(grace, self.hurry) for lane in self.lanes))
+        await self._hand_back()
+        try:
+            await self.recorder.flush(give_up=self.hurry)
+        except LostConnection:
+            self.log.error("results_not_written", jobs=len(self.recorder.held_job_ids()))
+        for task in background:
+            task.cancel()
+
+    async def _hand_back(self) -> None:
+        job_ids = [job.id for lane in self.lanes for job in lane.take_buffer()]
+        if not job_ids:
+            return
+        try:
+            released = await self.upkeep.run(
+                lambda c: db.release(c, worker_id=self.settings.worker_id, job_ids=job_ids),
+                give_up=self.hurry,
+            )
+            self.log.info("jobs_handed_back", jobs=released)
+        except LostConnection:
+            self.log.error("jobs_not_handed_back", jobs=len(job_ids))
+
+    def _claimer(self, lane: Lane) -> Claim:
+        settings = self.settings
+
+        async def claim(limit: int) -> list[Job]:
+            try:
+                return await self.claims.run(
+                    lambda c: db.claim(
+                        c,
+                        provider=lane.provider,
+                        account=lane.account,
+                        limit=limit,
+                        worker_id=settings.worker_id,
+                        lease_s=settings.lease_s,
+                    ),
+                    give_up=self.stop,
+                )
+            except LostConnection:
+                return []  # stopping while Postgres is away: nothing was claimed
+
+        return claim
+
+    async def _listen(self) -> None:
+        """LISTEN for new jobs; after every (re)connect, wake all lanes (NOTIFYs may be lost)."""
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            named = [self.by_name.get(name) for name in str(payload).split(",")]
+            lanes = [lane for lane in named if lane is not None]
+            for lane in lanes if len(lanes) == len(named) else self.lanes:
+                lane.wake.set()
+
+        async def listen(conn: asyncpg.Connection) -> None:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def on_terminate(_conn: object) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            conn.add_termination_listener(on_terminate)
+            await conn.add_listener(db.NOTIFY_CHANNEL, on_notify)
+            for lane in self.lanes:
+                lane.wake.set()
+            await lost
+            raise ConnectionError("the LISTEN connection was closed")
+
+        await self.listen.run(listen)
+
+    async def _upkeep(self) -> None:
+        """Heartbeat our leases, rescue expired ones, fail jobs of unconfigured accounts."""
+        interval = self.settings.lease_s / 3
+        while not self.stop.is_set():
+            await self.upkeep.run(self._upkeep_once)
+            await wait_for_event(self.stop, interval)
+
+    async def _upkeep_once(self, conn: asyncpg.Connection) -> None:
+        held = [job_id for lane in self.lanes for job_id in lane.held_job_ids()]
+        held += self.recorder.held_job_ids()
+        worker_id, lease_s = self.settings.worker_id, self.settings.lease_s
+        if held:
+            await db.extend_leases(conn, worker_id=worker_id, job_ids=held, lease_s=lease_s)
+        rescued = await db.rescue_expired(conn)
+        if rescued:
+            self.log.warning("leases_rescued", jobs=rescued)
+        if self.settings.fail_unconfigured_accounts:
+            providers = sorted({lane.provider for lane in self.lanes})
+            failed = await db.fail_unconfigured(conn, providers=providers, lanes=list(self.by_name))
+            if failed:
+                self.log.warning("unconfigured_account_jobs_failed", jobs=failed)
+
+    async def _watch_drain(self) -> None:
+        """Set the stop event once no job of our lanes is pending or running anywhere."""
+        while not self.stop.is_set():
+            await wait_for_event(self.stop, DRAIN_CHECK_S)
+            if not all(lane.idle for lane in self.lanes) or not self.recorder.empty:
+                continue
+            left = await self.upkeep.run(lambda c: db.backlog(c, lanes=list(self.by_name)))
+            if left.empty:
+                self.drained = True
+                self.stop.set()
+            elif left.ready:
+                for lane in self.lanes:
+                    lane.wake.set()
+            elif left.running == 0 and left.next_run_in_s is not None:
+                await wait_for_event(self.stop, max(0.0, left.next_run_in_s))
+                await self.upkeep.run(self._upkeep_once)  # a wait may outlive a dead worker
