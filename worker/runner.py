@@ -226,6 +226,7 @@ class Runner:
 
             conn.add_termination_listener(on_terminate)
             await conn.add_listener(db.NOTIFY_CHANNEL, on_notify)
+            self.log.info("listening", channel=db.NOTIFY_CHANNEL)
             for lane in self.lanes:
                 lane.wake.set()
             await lost
