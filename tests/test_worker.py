@@ -163,12 +163,17 @@ async def test_notify_wakes_an_idle_worker_and_sigterm_stops_it(
     )
     worker = await start_cli("run", "--config", str(config), env=cli_env())
     assert worker.stderr is not None
-    await read_until(worker.stderr, '"listening"')
-    job_id = await add_job(conn, "billpocket")
-    line = await read_until(worker.stderr, '"job_succeeded"')  # long before the 60 s poll
-    assert f'"job_id": {job_id}' in line
-    worker.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(worker.wait(), 30) == 0
+    try:
+        await read_until(worker.stderr, '"listening"')
+        job_id = await add_job(conn, "billpocket")
+        line = await read_until(worker.stderr, '"job_succeeded"')  # long before the 60 s poll
+        assert f'"job_id": {job_id}' in line
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
     assert (await row(conn, job_id))["state"] == "succeeded"
 
 

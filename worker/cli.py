@@ -26,7 +26,7 @@ from worker.runner import Runner
 from worker.settings import Settings, load_settings
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -36,7 +36,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> float:
+def non_negative(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -46,60 +46,80 @@ def _non_negative(text: str) -> float:
     return value
 
 
+CONFIG_HELP = "TOML configuration file (default: $LINKWORKER_CONFIG; env vars override it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line. Each command sets `handler(args) -> exit code` as its default."""
     parser = argparse.ArgumentParser(
         prog="linkworker",
         description="Create payment links in bulk from a PostgreSQL queue table.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config_help = "TOML configuration file (default: $LINKWORKER_CONFIG; env vars override it)"
 
     migrate_cmd = commands.add_parser("migrate", help="apply the database migrations")
-    migrate_cmd.add_argument("--config", metavar="PATH", help=config_help)
+    migrate_cmd.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    migrate_cmd.set_defaults(handler=_migrate_command)
 
     run_cmd = commands.add_parser("run", help="process link jobs until stopped")
-    run_cmd.add_argument("--config", metavar="PATH", help=config_help)
+    run_cmd.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     run_cmd.add_argument(
         "--drain",
         action="store_true",
         help="exit 0 once no job is pending or running (retries included), printing a summary",
     )
+    run_cmd.set_defaults(handler=_run_command)
 
     sim_cmd = commands.add_parser("simulate", help="run the provider simulator")
     simulator.add_arguments(sim_cmd)
+    sim_cmd.set_defaults(handler=simulator.run_from_args)
 
     demo_cmd = commands.add_parser(
         "demo", help="see it work: embedded Postgres, simulator, a mixed batch, a summary"
     )
-    demo_cmd.add_argument("--jobs", type=_positive_int, default=3000, help="jobs (default 3000)")
+    demo_cmd.add_argument("--jobs", type=positive_int, default=3000, help="jobs (default 3000)")
     demo_cmd.add_argument(
-        "--latency-ms", type=_non_negative, default=30.0, help="simulated provider latency"
+        "--latency-ms", type=non_negative, default=30.0, help="simulated provider latency"
     )
     demo_cmd.add_argument(
         "--keep",
         metavar="DIR",
         help="keep the embedded database in DIR to look at afterwards (default: delete it)",
     )
+    demo_cmd.set_defaults(handler=_demo_command)
+    # more commands register here: module.add_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "simulate":
-            return simulator.run_from_args(args)
-        if args.command == "demo":
-            from worker.demo import run_demo
-
-            return run_demo(args)
-        settings = load_settings(args.config)
-        configure_logging(settings.log_level, settings.log_format)
-        if args.command == "migrate":
-            return asyncio.run(_migrate(settings))
-        return asyncio.run(_run(settings, drain=args.drain))
+        code: int = args.handler(args)
+        return code
     except ConfigError as exc:
         print(f"linkworker: {exc}", file=sys.stderr)
         return 2
+
+
+def load_for_command(args: argparse.Namespace) -> Settings:
+    """Settings from `--config` (if the command has it) and the environment; logging set up."""
+    settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _migrate_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_migrate(load_for_command(args)))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(load_for_command(args), drain=args.drain))
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo  # the demo pulls in the simulator's server side
+
+    return run_demo(args)
 
 
 async def _migrate(settings: Settings) -> int:

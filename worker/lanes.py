@@ -118,8 +118,11 @@ class Lane:
         while not stop.is_set():
             if len(self.buffer) > self.target // 2:
                 await wait_for_event(self.wake, poll_interval_s)
-                self.wake.clear()
+                if len(self.buffer) > self.target // 2:
+                    self.wake.clear()  # the dispatcher sets it again when the buffer runs low
                 continue
+            # cleared before the claim: a NOTIFY that lands while it runs must not be lost
+            self.wake.clear()
             jobs = await claim(self.target - len(self.buffer))
             if stop.is_set():
                 self.buffer.extend(jobs)  # handed back by the runner's shutdown
@@ -129,7 +132,6 @@ class Lane:
                 self.buffer.extend(jobs)
                 self.has_jobs.set()
             else:
-                self.wake.clear()
                 await wait_for_event(self.wake, poll_interval_s)
 
     async def dispatch(
