@@ -10,7 +10,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -160,3 +160,86 @@ def _toml(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return '"' + str(value) + '"'
+
+
+class WorkerProcess:
+    """A running `linkworker` process whose log (stderr) is read continuously.
+
+    Reading keeps the pipe from filling up (which would stall the worker), and lets a test wait
+    for log events instead of sleeping.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.successes = 0
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str]) -> WorkerProcess:
+        return cls(await start_cli(*args, env=env))
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        try:
+            while line := (await self.process.stderr.readline()).decode():
+                self.lines.append(line)
+                self.successes += '"job_succeeded"' in line
+                self._changed.set()
+        finally:
+            self._changed.set()
+
+    def saw(self, marker: str) -> bool:
+        return any(marker in line for line in self.lines)
+
+    async def wait_for(
+        self, predicate: Callable[[WorkerProcess], bool], timeout_s: float = 60
+    ) -> None:
+        async def watch() -> None:
+            while not predicate(self):
+                if self._reader.done():
+                    raise AssertionError("the worker exited first:\n" + "".join(self.lines[-20:]))
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(watch(), timeout_s)
+
+    async def wait_for_log(self, marker: str, timeout_s: float = 60) -> None:
+        await self.wait_for(lambda worker: worker.saw(marker), timeout_s)
+
+    async def finish(self, timeout_s: float = 60) -> int:
+        """Wait for the process to exit (after a signal); returns its exit code."""
+        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        await self._reader
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll an in-process condition (e.g. the simulator's counters) until it holds."""
+
+    async def watch() -> None:
+        # the simulator's counters offer no event to wait on; a bounded poll of memory is exact
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(watch(), timeout_s)
+
+
+async def queue_fault(sim_url: str, provider: str, name: str, count: int = 1) -> None:
+    """Make the simulator answer the next `count` creates of `provider` with fault `name`."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            sim_url + "/__faults", json={"provider": provider, "fault": name, "count": count}
+        ) as response,
+    ):
+        assert response.status < 300, await response.text()

@@ -21,6 +21,8 @@ LANES = [
     ("kushki", "default"),
 ]
 LIMIT = 100  # requests/s per account, at the simulator and in the worker's config
+# The window promise is exact at the sender; the headroom absorbs the jitter on the way to the
+# simulator, which on a loaded 2-core CI machine can exceed the 1% default.
 
 FAST = {"poll_interval_s": 0.05, "retry_base_s": 0.05, "retry_cap_s": 0.5, "log_level": "warning"}
 
@@ -59,7 +61,7 @@ async def test_drain_creates_every_good_link_once_within_limits(
                 tmp_path / "lw.toml",
                 database_url,
                 simulator.url,
-                lanes={"rate_per_s": LIMIT, "max_in_flight": 20},
+                lanes={"rate_per_s": LIMIT, "max_in_flight": 20, "rate_headroom": 0.03},
                 **FAST,
             )
             code, out, err = await run_cli("run", "--drain", "--config", str(config), env=cli_env())

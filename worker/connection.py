@@ -75,7 +75,8 @@ class PgConnection:
 
     async def _connected(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10)
+            # command_timeout: a silently dead network raises (and reconnects) instead of hanging
+            self._conn = await asyncpg.connect(self.dsn, timeout=10, command_timeout=60)
             if self.on_connect is not None:
                 await self.on_connect(self._conn)
             if not self.healthy:

@@ -7,7 +7,9 @@
         │   └── ThrottledError      429: the worker's fault, pauses the lane, costs no attempt
         ├── UnknownOutcomeError     the link may exist (timeout after sending, 500/502/504)
         └── PermanentError          fix the input or the credentials (other 4xx)
-            └── InvalidPayloadError the payload failed validation; no call was made
+            ├── InvalidPayloadError the payload failed validation; no call was made
+            └── ConflictError       the provider says this job's link exists already (an
+                                    earlier attempt landed): look it up where the API allows
 
 Every message is a sentence a person can act on and never holds a secret.
 """
@@ -87,3 +89,9 @@ class InvalidPayloadError(PermanentError):
     """The job's payload failed validation before any call was made."""
 
     kind = "invalid_payload"
+
+
+class ConflictError(PermanentError):
+    """The provider refused a create because the job's dedupe handle is taken (e.g. url_path)."""
+
+    kind = "conflict"

@@ -21,6 +21,7 @@ front of the buffer: the throttle is the worker's fault, and costs the job no at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -32,13 +33,20 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from worker import http
+from worker.breaker import CircuitBreaker
 from worker.connection import wait_for_event
 from worker.db import Outcome
-from worker.errors import InvalidPayloadError, ProviderError, ThrottledError
-from worker.jobs import Job, ProviderRequest
+from worker.errors import (
+    ConflictError,
+    InvalidPayloadError,
+    PermanentError,
+    ProviderError,
+    ThrottledError,
+)
+from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.logs import get_logger
 from worker.outcomes import OutcomeLadder
-from worker.providers import ProviderAdapter
+from worker.providers import LOOKUPS, LinkLookup, ProviderAdapter
 from worker.settings import LaneSettings
 
 Claim = Callable[[int], Awaitable[list[Job]]]
@@ -98,6 +106,10 @@ class Lane:
         self.buffer: deque[Job] = deque()
         self.in_flight: dict[asyncio.Task[None], Job] = {}
         self.paused_until = 0.0
+        self.breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold, cooldown_s=settings.breaker_cooldown_s
+        )
+        self.breaker_changed = asyncio.Event()
         self.wake = asyncio.Event()  # jobs may be claimable (NOTIFY, poll, retry)
         self.has_jobs = asyncio.Event()
         self.exhausted = False  # the last claim found nothing
@@ -145,6 +157,7 @@ class Lane:
                 await _first(self.has_jobs, stop)
                 continue
             await self._wait_unpaused(stop)
+            await self._wait_breaker(stop)
             if stop.is_set():
                 return
             job = self.buffer.popleft()
@@ -188,15 +201,15 @@ class Lane:
         """Send one job and record its outcome; the one place an attempt ends."""
         started = time.perf_counter()
         try:
-            answer = await http.send(session, self.settings.base_url, request, self.timeout)
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            self.counts.latencies_ms.append(elapsed_ms)
-            created = self.adapter.parse_response(answer.status, answer.headers, answer.body)
+            created = await self._create(session, job, request)
             outcome = self.ladder.success(job, created)
+            self._provider_health(ok=True)
         except ThrottledError as exc:
+            self._provider_health(ok=True)
             self._throttled(job, exc)
             return
         except ProviderError as exc:
+            self._provider_health(ok=isinstance(exc, PermanentError))
             outcome = self.ladder.failure(job, exc)
         except asyncio.CancelledError:
             self._finish(job, self.ladder.interrupted(job), record, started)
@@ -207,6 +220,31 @@ class Lane:
         finally:
             self.slots.release()
         self._finish(job, outcome, record, started)
+
+    async def _create(
+        self, session: aiohttp.ClientSession, job: Job, request: ProviderRequest
+    ) -> LinkCreated:
+        started = time.perf_counter()
+        answer = await http.send(session, self.settings.base_url, request, self.timeout)
+        self.counts.latencies_ms.append((time.perf_counter() - started) * 1000)
+        try:
+            return self.adapter.parse_response(answer.status, answer.headers, answer.body)
+        except ConflictError:
+            lookup = LOOKUPS.get(self.provider)
+            if lookup is None:
+                raise
+            return await self._look_up(session, job, lookup)
+
+    async def _look_up(
+        self, session: aiohttp.ClientSession, job: Job, lookup: LinkLookup
+    ) -> LinkCreated:
+        """After a conflict, find the link an earlier attempt created (a rate-limited call too)."""
+        await self.limiter.acquire()
+        request = lookup.lookup_request(job, self.settings)
+        answer = await http.send(session, self.settings.base_url, request, self.timeout)
+        created = lookup.parse_lookup(job, answer.status, answer.headers, answer.body)
+        self.log.info("job_reconciled", job_id=job.id, attempt=job.attempt)
+        return created
 
     def _throttled(self, job: Job, exc: ThrottledError) -> None:
         pause_s = exc.retry_after_s if exc.retry_after_s is not None else 1.0
@@ -249,6 +287,25 @@ class Lane:
                 error=outcome.error,
             )
 
+    def _provider_health(self, *, ok: bool) -> None:
+        """Feed the breaker: any sane answer (a 4xx too) is health; 5xx and timeouts are not."""
+        changed = self.breaker.record_success() if ok else self.breaker.record_failure()
+        if changed is None:
+            return
+        self.breaker_changed.set()
+        if changed == "open":
+            self.log.warning(
+                "breaker_opened", failures=self.breaker.failures, cooldown_s=self.breaker.cooldown_s
+            )
+        else:
+            self.log.info("breaker_closed")
+
+    async def _wait_breaker(self, stop: asyncio.Event) -> None:
+        """Hold the lane while its breaker is open (or its half-open probe is out)."""
+        while not stop.is_set() and not self.breaker.allow():
+            self.breaker_changed.clear()
+            await _first_or_timeout(self.breaker_changed, stop, max(self.breaker.wait_s(), 0.01))
+
     async def _wait_unpaused(self, stop: asyncio.Event) -> None:
         remaining = self.paused_until - time.monotonic()
         if remaining > 0:
@@ -287,6 +344,12 @@ async def _first_done(work: asyncio.Future[Any], hurry: asyncio.Event, timeout_s
     hurried = asyncio.ensure_future(hurry.wait())
     await asyncio.wait({work, hurried}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     hurried.cancel()
+
+
+async def _first_or_timeout(event: asyncio.Event, stop: asyncio.Event, timeout_s: float) -> None:
+    """Wait until `event` or `stop` is set, at most `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_first(event, stop), timeout_s)
 
 
 async def _first(event: asyncio.Event, stop: asyncio.Event) -> None:

@@ -269,6 +269,10 @@ class Runner:
             elif left.ready:
                 for lane in self.lanes:
                     lane.wake.set()
-            elif left.running == 0 and left.next_run_in_s is not None:
+            elif left.running:
+                # held by another worker, or a claim whose answer was lost with the connection:
+                # wait at poll pace, rescuing leases that run out meanwhile
+                await wait_for_event(self.stop, self.settings.poll_interval_s)
+                await self.upkeep.run(self._upkeep_once)
+            elif left.next_run_in_s is not None:
                 await wait_for_event(self.stop, max(0.0, left.next_run_in_s))
-                await self.upkeep.run(self._upkeep_once)  # a wait may outlive a dead worker

@@ -48,6 +48,8 @@ class LaneSettings(BaseModel):
         default=0.01, ge=0, lt=0.5, description="fraction kept free for network jitter"
     )
     on_unknown_outcome: Literal["retry", "fail"] = "retry"
+    breaker_threshold: int = Field(default=5, ge=1, description="consecutive failures to open")
+    breaker_cooldown_s: float = Field(default=2.0, gt=0, description="first open period")
 
     credential_fields: ClassVar[tuple[str, ...]] = ()
 

@@ -27,8 +27,20 @@ class ProviderAdapter(Protocol):
     ) -> LinkCreated: ...
 
 
+class LinkLookup(Protocol):
+    """A provider whose API can find the link an earlier attempt created (after a conflict)."""
+
+    def lookup_request(self, job: Job, account: LaneSettings) -> ProviderRequest: ...
+
+    def parse_lookup(
+        self, job: Job, status: int, headers: Mapping[str, str], body: bytes
+    ) -> LinkCreated: ...
+
+
 ADAPTERS: Mapping[str, ProviderAdapter] = {
     module.NAME: module  # a module satisfies the protocol structurally
     for module in (billpocket, cheqpay, kushki)
 }
 PROVIDER_NAMES: tuple[str, ...] = tuple(ADAPTERS)
+# Only Billpocket can list links by our dedupe handle; Cheqpay and Kushki have no such lookup.
+LOOKUPS: Mapping[str, LinkLookup] = {billpocket.NAME: billpocket}

@@ -8,19 +8,23 @@ the same path and a second link for it cannot silently appear.
 Answers: 202 (200 and 201 accepted too) with `custom_link_path`, the full payable URL, and `id`.
 Error bodies are not documented; we read `code`, `message` and an `errors` object of
 `field: message` (or `field: [messages]`) when present, else quote the body. A 422 whose errors
-say `url_path` is already taken is a PermanentError with code `url_path_taken` for now: the link
-may be ours from an earlier attempt (reconciling it as a success is a later change).
+say `url_path` is already taken is a ConflictError (code `url_path_taken`): the link is probably
+ours, from an earlier attempt whose answer was lost. `lookup_request` and `parse_lookup` then
+find it among the merchant's links (`GET /v1/custom-link?url_path=...`, a path inferred from the
+docs' menu) and adopt it when its amount matches the job's, so a retry never makes a second link.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
-from worker.errors import ProviderError
+from worker.errors import ConflictError, PermanentError, ProviderError
 from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.providers import common
 from worker.settings import BillpocketAccount, LaneSettings
@@ -71,14 +75,68 @@ class BillpocketLink(BaseModel):
 def build_request(job: Job, account: LaneSettings) -> ProviderRequest:
     """Validate the job's payload and build the create request (see the module docstring)."""
     billpocket = common.require_account(NAME, account, BillpocketAccount)
+    link = _link(job)
+    return common.json_request(PATH, job, _auth(billpocket), link)
+
+
+def _link(job: Job) -> BillpocketLink:
     link = common.validate_payload(BillpocketLink, job.payload)
     if link.url_path is None:
         link.url_path = f"lw-{job.id}"  # assignment marks the field set, so it is dumped
-    auth = {
-        "X-Api-Key": billpocket.api_key.get_secret_value(),
-        "BP-User-Token": billpocket.user_token.get_secret_value(),
+    return link
+
+
+def _auth(account: BillpocketAccount) -> dict[str, str]:
+    return {
+        "X-Api-Key": account.api_key.get_secret_value(),
+        "BP-User-Token": account.user_token.get_secret_value(),
     }
-    return common.json_request(PATH, job, auth, link)
+
+
+def lookup_request(job: Job, account: LaneSettings) -> ProviderRequest:
+    """The list request that finds the link holding this job's url_path (after a conflict)."""
+    billpocket = common.require_account(NAME, account, BillpocketAccount)
+    query = urlencode({"url_path": _link(job).url_path})
+    headers = {"Accept": "application/json", **_auth(billpocket)}
+    return ProviderRequest(method="GET", path=f"{PATH}?{query}", headers=headers, body=b"")
+
+
+def parse_lookup(job: Job, status: int, headers: Mapping[str, str], body: bytes) -> LinkCreated:
+    """Adopt the listed link with this job's url_path if its amount matches, else raise."""
+    if status != 200:
+        common.parse_answer(RULES, status, headers, body)  # raises the classified error
+    link = _link(job)
+    data = common.decode_json(common.decode_text(body))
+    for entry in _entries(data):
+        if entry.get("secondary_link") == link.url_path and common.is_link_url(
+            entry.get("custom_link_path")
+        ):
+            return _adopt(link, entry)
+    raise ConflictError(
+        f"billpocket says url_path {link.url_path!r} is taken, but no link with it is listed: "
+        "check the merchant's links before retrying",
+        status=status,
+        code="url_path_taken",
+    )
+
+
+def _entries(data: object) -> list[dict[str, Any]]:
+    items = data.get("data") if isinstance(data, dict) else data
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+def _adopt(link: BillpocketLink, entry: dict[str, Any]) -> LinkCreated:
+    if entry.get("amount") != link.amount:
+        raise PermanentError(
+            f"billpocket url_path {link.url_path!r} holds a link for amount "
+            f"{entry.get('amount')!r}, not this job's {link.amount!r}: pick another url_path",
+            code="url_path_conflict",
+        )
+    return LinkCreated(
+        url=str(entry["custom_link_path"]),
+        external_id=common.scalar(entry, "id"),
+        response_json=json.dumps(entry, separators=(",", ":")),
+    )
 
 
 def parse_response(status: int, headers: Mapping[str, str], body: bytes) -> LinkCreated:
@@ -113,12 +171,15 @@ _TAKEN = re.compile(r"taken|exist|already|unique|duplicate|in use", re.IGNORECAS
 def _special(answer: common.Answer, code: str | None, message: str | None) -> ProviderError | None:
     if answer.status != 422 or not _url_path_taken(answer.data):
         return None
-    return common.permanent(
+    taken = common.permanent(
         answer,
         "url_path_taken",
         message,
         "a link with this url_path already exists, possibly created by an earlier attempt of "
         "this job whose answer was lost: look it up among the merchant's links before retrying",
+    )
+    return ConflictError(
+        taken.message, status=taken.status, code=taken.code, response_text=taken.response_text
     )
 
 
