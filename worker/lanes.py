@@ -45,6 +45,7 @@ from worker.errors import (
 )
 from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.logs import get_logger
+from worker.metrics import LaneMetrics, status_class
 from worker.outcomes import OutcomeLadder
 from worker.providers import LOOKUPS, LinkLookup, ProviderAdapter
 from worker.settings import LaneSettings
@@ -90,6 +91,7 @@ class Lane:
         prefetch_s: float,
         lease_s: float,
         claim_batch_size: int,
+        metrics: LaneMetrics,
     ) -> None:
         self.provider, self.account, self.settings = provider, account, settings
         self.name = f"{provider}/{account}"
@@ -114,6 +116,9 @@ class Lane:
         self.has_jobs = asyncio.Event()
         self.exhausted = False  # the last claim found nothing
         self.counts = LaneCounts()
+        self.metrics = metrics
+        metrics.set_rate_limit(settings.rate_per_s)
+        metrics.set_max_in_flight(settings.max_in_flight)
         self.log = get_logger(provider=provider, account=account)
 
     @property
@@ -193,7 +198,12 @@ class Lane:
     ) -> None:
         task = asyncio.create_task(self._attempt(session, job, request, record))
         self.in_flight[task] = job
-        task.add_done_callback(self.in_flight.pop)
+        self.metrics.set_in_flight(len(self.in_flight))
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(task, None)
+        self.metrics.set_in_flight(len(self.in_flight))
 
     async def _attempt(
         self, session: aiohttp.ClientSession, job: Job, request: ProviderRequest, record: Record
@@ -210,6 +220,8 @@ class Lane:
             return
         except ProviderError as exc:
             self._provider_health(ok=isinstance(exc, PermanentError))
+            if exc.status in (401, 403):
+                self.metrics.credentials_rejected()
             outcome = self.ladder.failure(job, exc)
         except asyncio.CancelledError:
             self._finish(job, self.ladder.interrupted(job), record, started)
@@ -224,9 +236,7 @@ class Lane:
     async def _create(
         self, session: aiohttp.ClientSession, job: Job, request: ProviderRequest
     ) -> LinkCreated:
-        started = time.perf_counter()
-        answer = await http.send(session, self.settings.base_url, request, self.timeout)
-        self.counts.latencies_ms.append((time.perf_counter() - started) * 1000)
+        answer = await self._send(session, request)
         try:
             return self.adapter.parse_response(answer.status, answer.headers, answer.body)
         except ConflictError:
@@ -241,10 +251,23 @@ class Lane:
         """After a conflict, find the link an earlier attempt created (a rate-limited call too)."""
         await self.limiter.acquire()
         request = lookup.lookup_request(job, self.settings)
-        answer = await http.send(session, self.settings.base_url, request, self.timeout)
+        answer = await self._send(session, request)
         created = lookup.parse_lookup(job, answer.status, answer.headers, answer.body)
         self.log.info("job_reconciled", job_id=job.id, attempt=job.attempt)
         return created
+
+    async def _send(self, session: aiohttp.ClientSession, request: ProviderRequest) -> http.Answer:
+        """One HTTP call, timed for the latency figures and the metrics."""
+        started = time.perf_counter()
+        try:
+            answer = await http.send(session, self.settings.base_url, request, self.timeout)
+        except ProviderError:
+            self.metrics.call_finished("transport", time.perf_counter() - started)
+            raise
+        elapsed = time.perf_counter() - started
+        self.counts.latencies_ms.append(elapsed * 1000)
+        self.metrics.call_finished(status_class(answer.status), elapsed)
+        return answer
 
     def _throttled(self, job: Job, exc: ThrottledError) -> None:
         pause_s = exc.retry_after_s if exc.retry_after_s is not None else 1.0
@@ -252,6 +275,7 @@ class Lane:
         self.buffer.appendleft(job)
         self.has_jobs.set()
         self.counts.throttled += 1
+        self.metrics.throttled(pause_s)
         self.log.warning("lane_throttled", job_id=job.id, pause_s=pause_s)
 
     def _finish(self, job: Job, outcome: Outcome, record: Record, started: float) -> None:
@@ -260,6 +284,8 @@ class Lane:
         counts = self.counts
         if outcome.unknown_outcome:
             counts.unknown += 1
+            self.metrics.unknown_outcome()
+        self.metrics.job_finished("retried" if outcome.state == "pending" else outcome.state)
         if outcome.state == "succeeded":
             counts.succeeded += 1
             self.log.info(
@@ -292,6 +318,7 @@ class Lane:
         changed = self.breaker.record_success() if ok else self.breaker.record_failure()
         if changed is None:
             return
+        self.metrics.set_breaker_state(changed)
         self.breaker_changed.set()
         if changed == "open":
             self.log.warning(
@@ -302,9 +329,13 @@ class Lane:
 
     async def _wait_breaker(self, stop: asyncio.Event) -> None:
         """Hold the lane while its breaker is open (or its half-open probe is out)."""
+        if self.breaker.state == "closed":
+            return  # the hot path: nothing to wait for
         while not stop.is_set() and not self.breaker.allow():
+            self.metrics.set_breaker_state(self.breaker.state)
             self.breaker_changed.clear()
             await _first_or_timeout(self.breaker_changed, stop, max(self.breaker.wait_s(), 0.01))
+        self.metrics.set_breaker_state(self.breaker.state)
 
     async def _wait_unpaused(self, stop: asyncio.Event) -> None:
         remaining = self.paused_until - time.monotonic()

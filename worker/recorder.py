@@ -9,17 +9,27 @@ is back; the leases of those jobs are kept alive by the heartbeat meanwhile.
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
+
+import asyncpg
 
 from worker import db
 from worker.connection import PgConnection, wait_for_event
 from worker.db import Outcome
 from worker.logs import get_logger
+from worker.metrics import Metrics
 
 
 class Recorder:
     def __init__(
-        self, conn: PgConnection, *, worker_id: str, batch_size: int, flush_interval_s: float
+        self,
+        conn: PgConnection,
+        *,
+        worker_id: str,
+        batch_size: int,
+        flush_interval_s: float,
+        metrics: Metrics,
     ) -> None:
         self.conn = conn
         self.worker_id = worker_id
@@ -31,6 +41,7 @@ class Recorder:
         self.full = asyncio.Event()
         self.written = 0
         self.fenced = 0
+        self.metrics = metrics
         self.log = get_logger()
 
     @property
@@ -65,13 +76,16 @@ class Recorder:
             if not self.pending:
                 self.has_items.clear()
             self.full.clear()
-            stored = await self.conn.run(
-                partial(db.record, worker_id=self.worker_id, outcomes=self.writing),
-                give_up=give_up,
-            )
             batch = self.writing
+            stored = await self.conn.run(partial(self._write, batch), give_up=give_up)
             self.writing = []
             self._count(len(batch), stored)
+
+    async def _write(self, batch: list[Outcome], conn: asyncpg.Connection) -> int:
+        started = time.perf_counter()
+        stored = await db.record(conn, worker_id=self.worker_id, outcomes=batch)
+        self.metrics.write_back(len(batch), len(batch) - stored, time.perf_counter() - started)
+        return stored
 
     def _count(self, sent: int, stored: int) -> None:
         self.written += stored

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import aiohttp
 import asyncpg
 
-from worker import db, http
+from worker import __version__, db, http
 from worker.connection import LostConnection, PgConnection, wait_for_event
 from worker.errors import ConfigError
+from worker.health import HealthServer, serve_health
 from worker.jobs import Job
 from worker.lanes import Claim, Lane, LaneCounts
 from worker.logs import get_logger
+from worker.metrics import Metrics, watch_queue
 from worker.migrations import require_current_schema
 from worker.outcomes import OutcomeLadder, Scrubber
 from worker.providers import ADAPTERS
@@ -55,7 +57,7 @@ class RunSummary:
         )
 
 
-def build_lanes(settings: Settings) -> list[Lane]:
+def build_lanes(settings: Settings, metrics: Metrics) -> list[Lane]:
     """One lane per configured (provider, account)."""
     scrub = Scrubber(settings.secrets())
     policy = RetryPolicy(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s)
@@ -69,14 +71,24 @@ def build_lanes(settings: Settings) -> list[Lane]:
             prefetch_s=settings.prefetch_s,
             lease_s=settings.lease_s,
             claim_batch_size=settings.claim_batch_size,
+            metrics=metrics.lane(provider, account),
         )
         for provider, account, lane_settings in settings.lanes()
     ]
 
 
 class Runner:
-    def __init__(self, settings: Settings, *, drain: bool, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        drain: bool,
+        stop: asyncio.Event,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.metrics.build_info(__version__)
         self.drain = drain
         self.stop = stop
         self.hurry = asyncio.Event()  # a second signal: cut the grace period short
@@ -90,8 +102,9 @@ class Runner:
             worker_id=settings.worker_id,
             batch_size=settings.write_batch_size,
             flush_interval_s=settings.flush_interval_s,
+            metrics=self.metrics,
         )
-        self.lanes = build_lanes(settings)
+        self.lanes = build_lanes(settings, self.metrics)
         self.by_name = {lane.name: lane for lane in self.lanes}
         self.log = get_logger(worker_id=settings.worker_id)
 
@@ -100,15 +113,18 @@ class Runner:
         if not self.lanes:
             raise ConfigError("no provider is configured: add a [providers.<name>] section")
         started = time.monotonic()
-        await self.upkeep.run(self._check_database, give_up=self.stop)
-        self.log.info("worker_started", lanes=list(self.by_name), drain=self.drain)
-        session = http.create_session(sum(lane.settings.max_in_flight for lane in self.lanes))
+        health = await self._serve_health()
         try:
+            await self.upkeep.run(self._check_database, give_up=self.stop)
+            self.log.info("worker_started", lanes=list(self.by_name), drain=self.drain)
+            session = http.create_session(sum(lane.settings.max_in_flight for lane in self.lanes))
             async with session:
                 await self._supervise(session)
         finally:
             for conn in (self.claims, self.upkeep, self.listen, self.recorder.conn):
                 await conn.close()
+            if health is not None:
+                await health.cleanup()
         summary = RunSummary(
             {lane.name: lane.counts for lane in self.lanes},
             time.monotonic() - started,
@@ -116,6 +132,25 @@ class Runner:
         )
         self.log.info("worker_stopped", summary=summary.line())
         return summary
+
+    async def _serve_health(self) -> HealthServer | None:
+        """/metrics, /healthz and /readyz on `metrics_port`, up before Postgres is reached."""
+        port = self.settings.metrics_port
+        if not port:
+            return None
+        server = await serve_health(port, self.settings.metrics_host, self.metrics, self.readiness)
+        self.log.info("health_listening", host=self.settings.metrics_host, port=server.port)
+        return server
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready: Postgres reachable, LISTEN alive, not stopping. From state held, no query."""
+        database = self.claims.healthy and self.upkeep.healthy
+        checks = {
+            "database": "ok" if database else "unreachable",
+            "listen": "ok" if self.listen.healthy else "down",
+            "draining": "yes" if self.stop.is_set() else "no",
+        }
+        return database and self.listen.healthy and not self.stop.is_set(), checks
 
     async def _check_database(self, conn: asyncpg.Connection) -> None:
         await require_current_schema(conn)
@@ -136,6 +171,7 @@ class Runner:
                 group.create_task(self.recorder.run(stop)),
                 group.create_task(self._listen()),
                 group.create_task(self._upkeep()),
+                group.create_task(watch_queue(self.metrics, self.upkeep, stop)),
             ]
             feeders = [
                 group.create_task(
@@ -248,6 +284,7 @@ class Runner:
         if held:
             await db.extend_leases(conn, worker_id=worker_id, job_ids=held, lease_s=lease_s)
         rescued = await db.rescue_expired(conn)
+        self.metrics.leases_rescued(rescued)
         if rescued:
             self.log.warning("leases_rescued", jobs=rescued)
         if self.settings.fail_unconfigured_accounts:

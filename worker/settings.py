@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(default=300.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     fail_unconfigured_accounts: bool = True
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no HTTP endpoint")
+    # scraped from outside the pod; the endpoint serves counters and health, never a secret
+    metrics_host: str = "0.0.0.0"  # noqa: S104
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
