@@ -11,6 +11,7 @@ import pytest
 from worker.db import Outcome
 from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.lanes import Lane, drain_rate
+from worker.metrics import Metrics
 from worker.outcomes import OutcomeLadder, Scrubber
 from worker.retry import RetryPolicy
 from worker.settings import CheqpayAccount, LaneSettings

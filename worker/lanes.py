@@ -54,6 +54,9 @@ Claim = Callable[[int], Awaitable[list[Job]]]
 Record = Callable[[Outcome], None]
 
 
+LATENCY_SAMPLES = 10_000
+
+
 @dataclass(slots=True)
 class LaneCounts:
     """What a lane did in this run (for the summary and the progress display)."""
@@ -63,7 +66,8 @@ class LaneCounts:
     retried: int = 0
     throttled: int = 0
     unknown: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    # the latest calls only: a million-link run must not grow memory
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
 SLACK = 0.5
@@ -107,6 +111,7 @@ class Lane:
         self.target = max(1, min(claim_batch_size, soon, math.floor(rate * lease_s / 2)))
         self.buffer: deque[Job] = deque()
         self.in_flight: dict[asyncio.Task[None], Job] = {}
+        self.starting: Job | None = None  # popped, waiting for a slot and a token
         self.paused_until = 0.0
         self.breaker = CircuitBreaker(
             threshold=settings.breaker_threshold, cooldown_s=settings.breaker_cooldown_s
@@ -128,7 +133,8 @@ class Lane:
 
     def held_job_ids(self) -> list[int]:
         """Jobs this lane holds a lease on: buffered and in flight (for the heartbeat)."""
-        return [job.id for job in self.buffer] + [job.id for job in self.in_flight.values()]
+        held = [job.id for job in self.buffer] + [job.id for job in self.in_flight.values()]
+        return held if self.starting is None else [*held, self.starting.id]
 
     async def feed(self, claim: Claim, stop: asyncio.Event, poll_interval_s: float) -> None:
         """Keep the buffer topped up from the queue until `stop`."""
@@ -171,7 +177,11 @@ class Lane:
             request = self._build(job, record)
             if request is None:
                 continue
-            await self._acquire(job)
+            self.starting = job
+            try:
+                await self._acquire(job)
+            finally:
+                self.starting = None
             self._start(session, job, request, record)
 
     async def _acquire(self, job: Job) -> None:
