@@ -38,6 +38,7 @@ def make_lane(settings: LaneSettings) -> Lane:
         prefetch_s=2,
         lease_s=20,
         claim_batch_size=200,
+        metrics=Metrics(process_metrics=False).lane("cheqpay", "default"),
     )
 
 
