@@ -784,3 +784,19 @@ def test_systemd_units_security_exposure_is_low(units_for_verify: list[Path]) ->
         if "--offline" in result.stderr and "unrecognized" in result.stderr:
             pytest.skip("this systemd-analyze has no --offline security check (systemd < 250)")
         assert result.returncode == 0, f"{path.name}: exposure above 2.0\n{result.stdout}"
+
+
+def test_alert_rules_pass_promtool_and_their_unit_tests() -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed here (apt-get install prometheus; CI installs it)")
+    rules_dir = DEPLOY / "prometheus"
+    checked = run("promtool", "check", "rules", str(rules_dir / "alerts.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"],
+        cwd=rules_dir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
