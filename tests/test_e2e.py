@@ -22,7 +22,9 @@ LANES = [
 ]
 LIMIT = 100  # requests/s per account, at the simulator and in the worker's config
 # The window promise is exact at the sender; the headroom absorbs the jitter on the way to the
-# simulator, which on a loaded 2-core CI machine can exceed the 1% default.
+# simulator, which on a loaded 2-core CI machine reached 30+ ms (102 in a window at 3%). This
+# test proves the shaping (a plain bucket would let 200 through); `linkworker bench` measures
+# how close to the limit the 1% default runs.
 
 FAST = {"poll_interval_s": 0.05, "retry_base_s": 0.05, "retry_cap_s": 0.5, "log_level": "warning"}
 
@@ -61,7 +63,7 @@ async def test_drain_creates_every_good_link_once_within_limits(
                 tmp_path / "lw.toml",
                 database_url,
                 simulator.url,
-                lanes={"rate_per_s": LIMIT, "max_in_flight": 20, "rate_headroom": 0.03},
+                lanes={"rate_per_s": LIMIT, "max_in_flight": 20, "rate_headroom": 0.1},
                 **FAST,
             )
             code, out, err = await run_cli("run", "--drain", "--config", str(config), env=cli_env())
