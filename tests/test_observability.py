@@ -4,6 +4,9 @@ Postgres."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -12,9 +15,10 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import WorkerProcess, cli_env, write_config
+from tests.conftest import WorkerProcess, cli_env, run_cli, write_config
 from tests.pgproxy import PgProxy
 from worker.samples import mixed_jobs
 from worker.simulator import RunningSimulator, SimulatorConfig, start_simulator
@@ -140,3 +144,57 @@ async def until_status(url: str, wanted: int, timeout_s: float = 30) -> tuple[in
         return answer
 
     return await asyncio.wait_for(ask(), timeout_s)
+
+
+async def test_two_draining_workers_deliver_a_batchs_webhook_once_signed(
+    conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
+) -> None:
+    received: list[tuple[bytes, str]] = []
+    got_one = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers["X-Linkworker-Signature"]))
+        got_one.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    jobs = mixed_jobs(200, LANES, bad_fraction=0.05, seed=8)
+    await conn.executemany(
+        "INSERT INTO link_jobs (provider, account, payload, batch_id) "
+        "VALUES ($1, $2, $3::jsonb, 'nightly-1')",
+        [job[:3] for job in jobs],
+    )
+    await conn.execute(
+        "INSERT INTO link_batch_webhooks (batch_id, url) VALUES ('nightly-1', $1)",
+        f"http://127.0.0.1:{port}/hook?token=abc",
+    )
+    config = write_config(
+        tmp_path / "lw.toml", database_url, sim.url, webhook_secret="whsec-test-0001", **FAST
+    )
+    try:
+        results = await asyncio.gather(
+            *(run_cli("run", "--drain", "--config", str(config), env=cli_env()) for _ in range(2))
+        )
+        assert all(code == 0 for code, _, _ in results), results
+        await asyncio.wait_for(got_one.wait(), 30)
+    finally:
+        await runner.cleanup()
+    assert len(received) == 1
+    raw, signature = received[0]
+    expected = hmac.new(b"whsec-test-0001", raw, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(signature, "sha256=" + expected)
+    body = json.loads(raw)
+    assert await conn.fetchval("SELECT state FROM link_batch_webhooks") == "delivered"
+    counts = dict(
+        await conn.fetch(
+            "SELECT state, count(*) FROM link_jobs WHERE batch_id = 'nightly-1' GROUP BY 1"
+        )
+    )
+    assert body["succeeded"] == counts["succeeded"] and body["failed"] == counts["failed"]
+    assert body["total"] == 200 and body["batch_id"] == "nightly-1"

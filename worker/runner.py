@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import asyncpg
 
-from worker import __version__, db, http
+from worker import __version__, db, http, webhooks
 from worker.connection import LostConnection, PgConnection, wait_for_event
 from worker.errors import ConfigError
 from worker.health import HealthServer, serve_health
@@ -97,6 +98,8 @@ class Runner:
         self.claims = PgConnection(dsn, "claim")
         self.upkeep = PgConnection(dsn, "upkeep")
         self.listen = PgConnection(dsn, "listen")
+        self.webhooks = PgConnection(dsn, "webhooks")
+        self.batch_done = asyncio.Event()  # NOTIFY linkworker_batch_done: a webhook may be due
         self.recorder = Recorder(
             PgConnection(dsn, "write"),
             worker_id=settings.worker_id,
@@ -118,10 +121,12 @@ class Runner:
             await self.upkeep.run(self._check_database, give_up=self.stop)
             self.log.info("worker_started", lanes=list(self.by_name), drain=self.drain)
             session = http.create_session(sum(lane.settings.max_in_flight for lane in self.lanes))
-            async with session:
-                await self._supervise(session)
+            # webhooks get their own connections: a slow receiver never holds a provider's
+            webhook_session = http.create_session(webhooks.DEFAULT_BATCH_SIZE)
+            async with session, webhook_session:
+                await self._supervise(session, webhook_session)
         finally:
-            for conn in (self.claims, self.upkeep, self.listen, self.recorder.conn):
+            for conn in (self.claims, self.upkeep, self.listen, self.webhooks, self.recorder.conn):
                 await conn.close()
             if health is not None:
                 await health.cleanup()
@@ -164,7 +169,23 @@ class Runner:
                 f"(or LINKWORKER_PROVIDERS__{name.upper()}__... variables)"
             )
 
-    async def _supervise(self, session: aiohttp.ClientSession) -> None:
+    def _webhook_options(self) -> dict[str, Any]:
+        settings = self.settings
+        secret = settings.webhook_secret
+        return {
+            "worker_id": settings.worker_id,
+            "secret": secret.get_secret_value() if secret else None,
+            "timeout_s": settings.webhook_timeout_s,
+            "lease_s": max(30.0, 3 * settings.webhook_timeout_s),
+            "retry": RetryPolicy(
+                base_s=settings.webhook_retry_base_s, cap_s=settings.webhook_retry_cap_s
+            ),
+            "max_attempts": settings.webhook_max_attempts,
+        }
+
+    async def _supervise(
+        self, session: aiohttp.ClientSession, webhook_session: aiohttp.ClientSession
+    ) -> None:
         stop = self.stop
         async with asyncio.TaskGroup() as group:
             background = [
@@ -185,8 +206,24 @@ class Runner:
             ]
             if self.drain:
                 background.append(group.create_task(self._watch_drain()))
+            # not in `background`: it ends its round on stop (cancelling a POST would send it
+            # again after the lease), and the group waits for it
+            group.create_task(
+                webhooks.deliver_webhooks(
+                    self.webhooks,
+                    webhook_session,
+                    stop=stop,
+                    wake=self.batch_done,
+                    **self._webhook_options(),
+                )
+            )
             await stop.wait()
             await self._shut_down(feeders, dispatchers, background)
+            if self.drained:  # the last batch just finished: its webhook goes out before exit
+                deliverer = webhooks.WebhookDeliverer(
+                    self.webhooks, webhook_session, **self._webhook_options()
+                )
+                await deliverer.run_until_idle(give_up=self.hurry)
 
     async def _shut_down(
         self,
@@ -253,6 +290,9 @@ class Runner:
             for lane in lanes if len(lanes) == len(named) else self.lanes:
                 lane.wake.set()
 
+        def on_batch_done(*_: object) -> None:
+            self.batch_done.set()
+
         async def listen(conn: asyncpg.Connection) -> None:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -262,6 +302,8 @@ class Runner:
 
             conn.add_termination_listener(on_terminate)
             await conn.add_listener(db.NOTIFY_CHANNEL, on_notify)
+            await conn.add_listener(webhooks.BATCH_DONE_CHANNEL, on_batch_done)
+            self.batch_done.set()  # batches may have finished while we were not listening
             self.log.info("listening", channel=db.NOTIFY_CHANNEL)
             for lane in self.lanes:
                 lane.wake.set()

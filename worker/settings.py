@@ -164,6 +164,11 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(default=300.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     fail_unconfigured_accounts: bool = True
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_cap_s: float = Field(default=3600.0, gt=0)
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no HTTP endpoint")
     # scraped from outside the pod; the endpoint serves counters and health, never a secret
     metrics_host: str = "0.0.0.0"  # noqa: S104
@@ -198,6 +203,8 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value in the configuration (credentials and the database password)."""
         values = [secret for _, _, lane in self.lanes() for secret in lane.secrets()]
+        if self.webhook_secret is not None:
+            values.append(self.webhook_secret.get_secret_value())
         password = _url_password(self.database_url)
         return [*values, password] if password else values
 
