@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from worker import admin, enqueue, reports, simulator
+from worker import admin, bench, enqueue, reports, simulator
 from worker.errors import ConfigError
 from worker.logs import configure_logging, get_logger
 from worker.migrations import migrate
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_cmd.set_defaults(handler=_demo_command)
     # more commands register here: module.add_command(commands)
+    bench.add_command(commands)
     enqueue.add_command(commands)
     reports.add_command(commands)
     admin.add_command(commands)
