@@ -75,8 +75,16 @@ class PgConnection:
 
     async def _connected(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            # command_timeout: a silently dead network raises (and reconnects) instead of hanging
-            self._conn = await asyncpg.connect(self.dsn, timeout=10, command_timeout=60)
+            # command_timeout: a silently dead network raises (and reconnects) instead of hanging.
+            # force_custom_plan: after five runs Postgres may switch a prepared statement to a
+            # generic plan, which for the unnest write-back rereads the whole batch for every
+            # running row (measured: 1.1 s instead of 14 ms per 500 rows with 5,000 running)
+            self._conn = await asyncpg.connect(
+                self.dsn,
+                timeout=10,
+                command_timeout=60,
+                server_settings={"plan_cache_mode": "force_custom_plan"},
+            )
             if self.on_connect is not None:
                 await self.on_connect(self._conn)
             if not self.healthy:
@@ -116,3 +124,13 @@ async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def first_set(event: asyncio.Event, other: asyncio.Event) -> None:
+    """Wait until `event` or `other` is set."""
+    if event.is_set() or other.is_set():
+        return
+    waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(other.wait())}
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()

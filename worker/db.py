@@ -218,22 +218,46 @@ async def release(conn: asyncpg.Connection, *, worker_id: str, job_ids: Sequence
     return int(status.split()[-1])
 
 
-FAIL_UNCONFIGURED = """
--- claimable jobs whose (provider, account) has no credentials in this worker's configuration
-UPDATE link_jobs
+# The (provider, account) pairs with pending jobs, by a loose index scan over link_jobs_claim:
+# one index probe per lane, so the cost follows the number of lanes, not of rows.
+PENDING_LANES = """
+WITH RECURSIVE lanes AS (
+    (SELECT provider, account FROM link_jobs
+      WHERE state = 'pending' ORDER BY provider, account LIMIT 1)
+    UNION ALL
+    SELECT next.provider, next.account
+      FROM lanes,
+           LATERAL (SELECT provider, account FROM link_jobs
+                     WHERE state = 'pending'
+                       AND (provider, account) > (lanes.provider, lanes.account)
+                     ORDER BY provider, account LIMIT 1) AS next
+)
+"""
+
+FAIL_UNCONFIGURED = (
+    PENDING_LANES  # noqa: S608 - two constants joined; every value is $n-bound
+    + """
+-- the lanes of configured providers whose account this worker has no credentials for
+, unconfigured AS (
+    SELECT provider, account FROM lanes
+     WHERE provider = ANY($1::text[]) AND NOT ((provider || '/' || account) = ANY($2::text[]))
+)
+-- their claimable jobs fail, saying which section to add
+UPDATE link_jobs AS j
    SET state = 'failed',
-       last_error = 'account ''' || account || ''' is not configured for provider ' || provider
-                    || ': add [providers.' || provider || '.accounts.' || account
-                    || '] with its credentials, then retry the job',
-       errors = errors || jsonb_build_array(jsonb_build_object(
-           'attempt', attempts, 'at', now(), 'kind', 'unconfigured_account',
-           'error', 'account ' || account || ' is not configured')),
+       last_error = 'account ''' || j.account || ''' is not configured for provider '
+                    || j.provider || ': add [providers.' || j.provider || '.accounts.'
+                    || j.account || '] with its credentials, then retry the job',
+       errors = j.errors || jsonb_build_array(jsonb_build_object(
+           'attempt', j.attempts, 'at', now(), 'kind', 'unconfigured_account',
+           'error', 'account ' || j.account || ' is not configured')),
        updated_at = now(),
        finished_at = now()
- WHERE state = 'pending' AND run_at <= now()
-   AND provider = ANY($1::text[])
-   AND NOT ((provider || '/' || account) = ANY($2::text[]))
+  FROM unconfigured AS u
+ WHERE j.state = 'pending' AND j.run_at <= now()
+   AND j.provider = u.provider AND j.account = u.account
 """
+)
 
 
 async def fail_unconfigured(
@@ -244,10 +268,15 @@ async def fail_unconfigured(
     return int(status.split()[-1])
 
 
-PENDING_PROVIDERS = """
--- which providers have work waiting, for the start-up check of credentials
-SELECT DISTINCT provider FROM link_jobs WHERE state IN ('pending', 'running')
+PENDING_PROVIDERS = (
+    PENDING_LANES
+    + """
+-- which providers have work waiting or held, for the start-up check of credentials
+SELECT provider FROM lanes
+ UNION
+SELECT DISTINCT provider FROM link_jobs WHERE state = 'running'
 """
+)
 
 
 async def pending_providers(conn: asyncpg.Connection) -> set[str]:

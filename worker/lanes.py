@@ -34,7 +34,7 @@ from aiolimiter import AsyncLimiter
 
 from worker import http
 from worker.breaker import CircuitBreaker
-from worker.connection import wait_for_event
+from worker.connection import first_set, wait_for_event
 from worker.db import Outcome
 from worker.errors import (
     ConflictError,
@@ -165,7 +165,7 @@ class Lane:
             if not self.buffer:
                 self.has_jobs.clear()
                 self.wake.set()
-                await _first(self.has_jobs, stop)
+                await first_set(self.has_jobs, stop)
                 continue
             await self._wait_unpaused(stop)
             await self._wait_breaker(stop)
@@ -390,14 +390,4 @@ async def _first_done(work: asyncio.Future[Any], hurry: asyncio.Event, timeout_s
 async def _first_or_timeout(event: asyncio.Event, stop: asyncio.Event, timeout_s: float) -> None:
     """Wait until `event` or `stop` is set, at most `timeout_s`."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(_first(event, stop), timeout_s)
-
-
-async def _first(event: asyncio.Event, stop: asyncio.Event) -> None:
-    """Wait until `event` or `stop` is set."""
-    if event.is_set() or stop.is_set():
-        return
-    waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
-    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in pending:
-        waiter.cancel()
+        await asyncio.wait_for(first_set(event, stop), timeout_s)

@@ -2,8 +2,10 @@
 
 Lanes hand outcomes to `add` (no I/O, no await); one loop writes them in batches of up to
 `batch_size` rows per statement, waiting at most `flush_interval_s` to fill a batch. If Postgres
-is away the outcomes stay here (bounded by what the lanes had claimed) and are written when it
-is back; the leases of those jobs are kept alive by the heartbeat meanwhile.
+is away, or merely slower than the providers, the outcomes wait here and `room` is cleared once
+BACKLOG_BATCHES batches are waiting: the lanes stop claiming until it is set again, so memory
+stays bounded by the lanes' buffers plus this backlog. The leases of the jobs waiting here are
+kept alive by the heartbeat.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from worker.connection import PgConnection, wait_for_event
 from worker.db import Outcome
 from worker.logs import get_logger
 from worker.metrics import Metrics
+
+BACKLOG_BATCHES = 2
 
 
 class Recorder:
@@ -38,6 +42,9 @@ class Recorder:
         self.pending: list[Outcome] = []
         self.writing: list[Outcome] = []
         self.has_items = asyncio.Event()
+        self.room = asyncio.Event()  # set while the backlog is small enough to claim more
+        self.room.set()
+        self.high_water = BACKLOG_BATCHES * batch_size
         self.full = asyncio.Event()
         self.written = 0
         self.fenced = 0
@@ -53,6 +60,8 @@ class Recorder:
         self.has_items.set()
         if len(self.pending) >= self.batch_size:
             self.full.set()
+            if len(self.pending) >= self.high_water:
+                self.room.clear()
 
     def held_job_ids(self) -> list[int]:
         """Jobs finished here but not yet written: their leases must be kept alive."""
@@ -80,6 +89,8 @@ class Recorder:
             stored = await self.conn.run(partial(self._write, batch), give_up=give_up)
             self.writing = []
             self._count(len(batch), stored)
+            if len(self.pending) < self.high_water:
+                self.room.set()
 
     async def _write(self, batch: list[Outcome], conn: asyncpg.Connection) -> int:
         started = time.perf_counter()

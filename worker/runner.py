@@ -20,7 +20,7 @@ import aiohttp
 import asyncpg
 
 from worker import __version__, db, http, webhooks
-from worker.connection import LostConnection, PgConnection, wait_for_event
+from worker.connection import LostConnection, PgConnection, first_set, wait_for_event
 from worker.errors import ConfigError
 from worker.health import HealthServer, serve_health
 from worker.jobs import Job
@@ -264,6 +264,12 @@ class Runner:
         settings = self.settings
 
         async def claim(limit: int) -> list[Job]:
+            if (
+                not self.recorder.room.is_set()
+            ):  # write-back lags: claim no more until it catches up
+                await first_set(self.recorder.room, self.stop)
+                if self.stop.is_set():
+                    return []
             try:
                 return await self.claims.run(
                     lambda c: db.claim(
