@@ -31,6 +31,7 @@ import asyncpg
 from worker import db
 from worker.bench_processes import LANES, Child
 from worker.bench_report import BenchError, Figure, ScenarioResult, Target
+from worker.connection import SERVER_SETTINGS
 from worker.enqueue import enqueue_many
 from worker.jobs import Job, LinkCreated
 from worker.migrations import migrate
@@ -232,8 +233,9 @@ async def pipeline(
 
     Returns (rows completed, seconds).
     """
-    claimer = await asyncpg.connect(database_url)
-    completer = await asyncpg.connect(database_url)
+    # connected as the worker connects (worker.connection), for both loops alike
+    claimer = await asyncpg.connect(database_url, server_settings=SERVER_SETTINGS)
+    completer = await asyncpg.connect(database_url, server_settings=SERVER_SETTINGS)
     batches: asyncio.Queue[list[Batch]] = asyncio.Queue(maxsize=2)
 
     async def claim_all() -> None:
