@@ -12,7 +12,8 @@ from worker.db import Outcome
 from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.lanes import Lane, drain_rate
 from worker.metrics import Metrics
-from worker.outcomes import OutcomeLadder, Scrubber
+from worker.outcomes import OutcomeLadder
+from worker.redaction import Scrubber
 from worker.retry import RetryPolicy
 from worker.settings import CheqpayAccount, LaneSettings
 
@@ -47,6 +48,9 @@ async def test_a_crashing_adapter_fails_its_job_and_the_lane_goes_on() -> None:
     recorded: list[Outcome] = []
     stop = asyncio.Event()
     lane.buffer.extend(Job(i, "cheqpay", "default", "{}", 1, 5) for i in (1, 2))
+    # a breaker whose cooldown is over: a job that fails before any call must not take the
+    # half-open probe, or the lane would wait for its answer forever
+    lane.breaker.state, lane.breaker.opened_at = "open", -1e9
 
     def record(outcome: Outcome) -> None:
         recorded.append(outcome)
@@ -61,6 +65,7 @@ async def test_a_crashing_adapter_fails_its_job_and_the_lane_goes_on() -> None:
     ]
     assert "RuntimeError: adapter bug on job 1" in (recorded[0].error or "")
     assert lane.counts.failed == 2
+    assert not lane.breaker.probing
 
 
 @pytest.mark.parametrize(

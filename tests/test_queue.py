@@ -124,7 +124,10 @@ async def test_release_gives_the_attempt_back(conn: asyncpg.Connection) -> None:
 async def test_heartbeat_extends_only_the_given_jobs(conn: asyncpg.Connection) -> None:
     ids = await add(conn, 2)
     await claim(conn, 2, lease_s=0.001)
-    assert await db.extend_leases(conn, worker_id="w1", job_ids=ids[:1], lease_s=60) == 1
+    assert await db.extend_leases(conn, worker_id="w1", job_ids=ids, lease_s=60) == set(ids)
+    assert await db.extend_leases(conn, worker_id="w2", job_ids=ids, lease_s=60) == set()
+    await conn.execute("UPDATE link_jobs SET locked_until = now() - interval '1 s'")
+    assert await db.extend_leases(conn, worker_id="w1", job_ids=ids[:1], lease_s=60) == {ids[0]}
     assert await db.rescue_expired(conn) == 1
     states = dict(await conn.fetch("SELECT id, state FROM link_jobs"))
     assert states == {ids[0]: "running", ids[1]: "pending"}

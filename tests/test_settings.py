@@ -94,3 +94,20 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "database_url = \n"))
+
+
+def test_log_lines_mask_configured_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from worker.logs import configure_logging, get_logger
+
+    configure_logging("info", "json", ["cq-secret-123"])
+    try:
+        try:
+            raise RuntimeError("provider said: bad key cq-secret-123")
+        except RuntimeError:
+            get_logger().exception("attempt_crashed")
+        err = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()  # the configuration holds pytest's capture stream
+    assert "attempt_crashed" in err and "***" in err and "cq-secret-123" not in err

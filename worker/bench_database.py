@@ -35,8 +35,9 @@ from worker.connection import SERVER_SETTINGS
 from worker.enqueue import enqueue_many
 from worker.jobs import Job, LinkCreated
 from worker.migrations import migrate
-from worker.outcomes import OutcomeLadder, Scrubber
+from worker.outcomes import OutcomeLadder
 from worker.providers import cheqpay
+from worker.redaction import Scrubber
 from worker.retry import RetryPolicy
 from worker.samples import cheqpay_payload, mixed_jobs
 from worker.simulator import Simulator, SimulatorConfig

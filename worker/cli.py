@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def load_for_command(args: argparse.Namespace) -> Settings:
     """Settings from `--config` (if the command has it) and the environment; logging set up."""
     settings = load_settings(getattr(args, "config", None))
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
     return settings
 
 

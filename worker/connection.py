@@ -48,11 +48,13 @@ class PgConnection:
         *,
         on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
         max_backoff_s: float = 5.0,
+        command_timeout_s: float = 60.0,
     ) -> None:
         self.dsn = dsn
         self.role = role
         self.on_connect = on_connect
         self.max_backoff_s = max_backoff_s
+        self.command_timeout_s = command_timeout_s
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._log = get_logger(connection=role)
@@ -71,6 +73,9 @@ class PgConnection:
                 try:
                     conn = await self._connected()
                     return await op(conn)
+                except asyncpg.TransactionRollbackError as exc:
+                    # a deadlock or serialization failure: the statement is safe to run again
+                    self._log.warning("postgres_statement_retried", error=type(exc).__name__)
                 except CONNECTION_ERRORS as exc:
                     await self._lost(exc)
                 if give_up is not None and give_up.is_set():
@@ -82,7 +87,10 @@ class PgConnection:
         if self._conn is None or self._conn.is_closed():
             # command_timeout: a silently dead network raises (and reconnects) instead of hanging
             self._conn = await asyncpg.connect(
-                self.dsn, timeout=10, command_timeout=60, server_settings=SERVER_SETTINGS
+                self.dsn,
+                timeout=10,
+                command_timeout=self.command_timeout_s,
+                server_settings=SERVER_SETTINGS,
             )
             if self.on_connect is not None:
                 await self.on_connect(self._conn)
@@ -130,6 +138,8 @@ async def first_set(event: asyncio.Event, other: asyncio.Event) -> None:
     if event.is_set() or other.is_set():
         return
     waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(other.wait())}
-    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in pending:
-        waiter.cancel()
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this wait is itself cancelled (a timeout around it)
+        for waiter in waiters:
+            waiter.cancel()

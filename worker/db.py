@@ -130,6 +130,8 @@ RETURNING j.id
 
 async def record(conn: asyncpg.Connection, *, worker_id: str, outcomes: Sequence[Outcome]) -> int:
     """Write a batch of outcomes in one statement; returns how many rows were still ours."""
+    # rows are locked in id order, as the heartbeat locks them, so the two cannot deadlock
+    outcomes = sorted(outcomes, key=lambda outcome: outcome.job_id)
     rows = await conn.fetch(
         RECORD,
         worker_id,
@@ -154,15 +156,16 @@ EXTEND_LEASES = """
 UPDATE link_jobs
    SET locked_until = now() + make_interval(secs => $3)
  WHERE id = ANY($2::bigint[]) AND state = 'running' AND locked_by = $1
+RETURNING id
 """
 
 
 async def extend_leases(
     conn: asyncpg.Connection, *, worker_id: str, job_ids: Sequence[int], lease_s: float
-) -> int:
-    """Push back the lease of the given jobs this worker holds; returns how many."""
-    status = await conn.execute(EXTEND_LEASES, worker_id, list(job_ids), lease_s)
-    return int(status.split()[-1])
+) -> set[int]:
+    """Push back the lease of the given jobs this worker holds; returns the ids still ours."""
+    rows = await conn.fetch(EXTEND_LEASES, worker_id, list(job_ids), lease_s)
+    return {row["id"] for row in rows}
 
 
 RESCUE_EXPIRED = """

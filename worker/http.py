@@ -47,7 +47,13 @@ async def send(
     url = base_url.rstrip("/") + request.path
     try:
         async with session.request(
-            request.method, url, data=request.body, headers=request.headers, timeout=limits
+            request.method,
+            url,
+            data=request.body,
+            headers=request.headers,
+            timeout=limits,
+            # a redirect would repeat the POST with its credentials to another host, unmetered
+            allow_redirects=False,
         ) as response:
             body = await _read_bounded(response)
             return Answer(response.status, response.headers, body)

@@ -168,21 +168,34 @@ class Lane:
                 await first_set(self.has_jobs, stop)
                 continue
             await self._wait_unpaused(stop)
-            await self._wait_breaker(stop)
-            if stop.is_set():
-                return
             job = self.buffer.popleft()
             if len(self.buffer) <= self.target // 2:
                 self.wake.set()
             request = self._build(job, record)
             if request is None:
-                continue
+                continue  # failed without a call: no slot, token or breaker probe spent
             self.starting = job
             try:
-                await self._acquire(job)
+                sent = await self._clear_to_send(job, stop)
             finally:
                 self.starting = None
+            if not sent:
+                self.buffer.appendleft(job)  # stopping: handed back unsent
+                return
             self._start(session, job, request, record)
+
+    async def _clear_to_send(self, job: Job, stop: asyncio.Event) -> bool:
+        """Breaker, slot, token, and the pause once more (a 429 may have come meanwhile)."""
+        await self._wait_breaker(stop)
+        if stop.is_set():
+            return False
+        await self._acquire(job)
+        if self.paused_until > time.monotonic():
+            await self._wait_unpaused(stop)
+        if stop.is_set():
+            self.slots.release()
+            return False
+        return True
 
     async def _acquire(self, job: Job) -> None:
         """Take an in-flight slot, then a rate token; if cancelled, the job goes back unsent."""
@@ -238,6 +251,7 @@ class Lane:
             raise
         except Exception as exc:
             self.log.exception("attempt_crashed", job_id=job.id)
+            self._provider_health(ok=False)  # also frees a half-open probe
             outcome = self.ladder.unexpected(job, exc, sent=True)
         finally:
             self.slots.release()
@@ -364,6 +378,14 @@ class Lane:
             task.cancel()
         if self.in_flight:
             await asyncio.wait(set(self.in_flight))
+
+    def drop(self, job_ids: set[int]) -> int:
+        """Forget buffered jobs whose lease this worker lost; returns how many."""
+        kept = [job for job in self.buffer if job.id not in job_ids]
+        dropped = len(self.buffer) - len(kept)
+        if dropped:
+            self.buffer = deque(kept)
+        return dropped
 
     def take_buffer(self) -> list[Job]:
         """Remove and return the claimed jobs that were never started (to hand back)."""

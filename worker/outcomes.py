@@ -14,28 +14,15 @@ Error text is scrubbed of every configured secret before it is stored or logged.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from worker.db import Outcome
 from worker.errors import PermanentError, ProviderError, RetryableError, UnknownOutcomeError
 from worker.jobs import Job, LinkCreated
+from worker.redaction import Scrubber
 from worker.retry import RetryPolicy
 
 MAX_ERROR_CHARS = 2000
-
-
-class Scrubber:
-    """Replaces every known secret value in a text with `***`."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # longest first, so a secret containing another is replaced whole
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
 
 
 class OutcomeLadder:
@@ -78,23 +65,22 @@ class OutcomeLadder:
         return self._again(job, message, error.kind, retry_after, unknown=False)
 
     def unexpected(self, job: Job, exc: BaseException, *, sent: bool) -> Outcome:
-        """A bug of ours (or an adapter's): fail the job with what happened, keep the worker up."""
-        message = self._text(f"internal error in linkworker: {type(exc).__name__}: {exc}")
+        """A bug of ours (or an adapter's): fail the job with what happened, keep the worker up.
+
+        After the request was sent the link may exist: the unknown-outcome policy decides.
+        """
+        message = f"internal error in linkworker: {type(exc).__name__}: {exc}"
         if sent:
-            return self._again(job, message, "internal", None, unknown=True)
-        return self._failed(job, message, "internal")
+            return self.failure(job, UnknownOutcomeError(message))
+        return self._failed(job, self._text(message), "internal")
 
     def interrupted(self, job: Job) -> Outcome:
-        """The worker stopped while this job's request was in flight: retry it, outcome unknown."""
-        message = "the worker stopped while the request was in flight; the link may exist"
-        return Outcome(
-            job.id,
-            job.attempt,
-            "pending",
-            error=message,
-            error_kind="interrupted",
-            unknown_outcome=True,
+        """The worker stopped while this job's request was in flight: the outcome is unknown."""
+        error = UnknownOutcomeError(
+            "the worker stopped while the request was in flight; the link may exist"
         )
+        error.kind = "interrupted"
+        return self.failure(job, error)
 
     def _again(
         self, job: Job, message: str, kind: str, retry_after_s: float | None, *, unknown: bool

@@ -86,7 +86,12 @@ class Recorder:
                 self.has_items.clear()
             self.full.clear()
             batch = self.writing
-            stored = await self.conn.run(partial(self._write, batch), give_up=give_up)
+            try:
+                stored = await self.conn.run(partial(self._write, batch), give_up=give_up)
+            except BaseException:  # cancelled or given up: the batch waits for the next flush
+                self.pending[:0] = batch
+                self.writing = []
+                raise
             self.writing = []
             self._count(len(batch), stored)
             if len(self.pending) < self.high_water:

@@ -28,9 +28,10 @@ from worker.lanes import Claim, Lane, LaneCounts
 from worker.logs import get_logger
 from worker.metrics import Metrics, watch_queue
 from worker.migrations import require_current_schema
-from worker.outcomes import OutcomeLadder, Scrubber
+from worker.outcomes import OutcomeLadder
 from worker.providers import ADAPTERS
 from worker.recorder import Recorder
+from worker.redaction import Scrubber
 from worker.retry import RetryPolicy
 from worker.settings import Settings
 
@@ -95,13 +96,16 @@ class Runner:
         self.hurry = asyncio.Event()  # a second signal: cut the grace period short
         self.drained = False
         dsn = settings.database_url
-        self.claims = PgConnection(dsn, "claim")
-        self.upkeep = PgConnection(dsn, "upkeep")
+        # a statement stuck longer than a third of a lease is a dead link: reconnect
+        timeout_s = max(5.0, settings.lease_s / 3)
+        self.claims = PgConnection(dsn, "claim", command_timeout_s=timeout_s)
+        self.upkeep = PgConnection(dsn, "upkeep", command_timeout_s=timeout_s)
         self.listen = PgConnection(dsn, "listen")
         self.webhooks = PgConnection(dsn, "webhooks")
+        self.snapshots = PgConnection(dsn, "metrics")  # never holds up the heartbeat
         self.batch_done = asyncio.Event()  # NOTIFY linkworker_batch_done: a webhook may be due
         self.recorder = Recorder(
-            PgConnection(dsn, "write"),
+            PgConnection(dsn, "write", command_timeout_s=timeout_s),
             worker_id=settings.worker_id,
             batch_size=settings.write_batch_size,
             flush_interval_s=settings.flush_interval_s,
@@ -126,7 +130,8 @@ class Runner:
             async with session, webhook_session:
                 await self._supervise(session, webhook_session)
         finally:
-            for conn in (self.claims, self.upkeep, self.listen, self.webhooks, self.recorder.conn):
+            connections = (self.claims, self.upkeep, self.listen, self.webhooks, self.snapshots)
+            for conn in (*connections, self.recorder.conn):
                 await conn.close()
             if health is not None:
                 await health.cleanup()
@@ -192,7 +197,7 @@ class Runner:
                 group.create_task(self.recorder.run(stop)),
                 group.create_task(self._listen()),
                 group.create_task(self._upkeep()),
-                group.create_task(watch_queue(self.metrics, self.upkeep, stop)),
+                group.create_task(watch_queue(self.metrics, self.snapshots, stop)),
             ]
             feeders = [
                 group.create_task(
@@ -217,8 +222,11 @@ class Runner:
                     **self._webhook_options(),
                 )
             )
-            await stop.wait()
-            await self._shut_down(feeders, dispatchers, background)
+            try:
+                await stop.wait()
+            finally:  # also when a background task died: hand back and write what is known
+                stop.set()
+                await self._shut_down(feeders, dispatchers, background)
             if self.drained:  # the last batch just finished: its webhook goes out before exit
                 deliverer = webhooks.WebhookDeliverer(
                     self.webhooks, webhook_session, **self._webhook_options()
@@ -239,13 +247,16 @@ class Runner:
         await asyncio.gather(*feeders, *dispatchers, return_exceptions=True)
         grace = 0.0 if self.hurry.is_set() else self.settings.shutdown_grace_s
         await asyncio.gather(*(lane.finish(grace, self.hurry) for lane in self.lanes))
+        # the loops may be retrying against a Postgres that is away, holding their connections:
+        # stop them first (a write cut short keeps its batch), then hand back and flush
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await self._hand_back()
         try:
             await self.recorder.flush(give_up=self.hurry)
         except LostConnection:
             self.log.error("results_not_written", jobs=len(self.recorder.held_job_ids()))
-        for task in background:
-            task.cancel()
 
     async def _hand_back(self) -> None:
         job_ids = [job.id for lane in self.lanes for job in lane.take_buffer()]
@@ -330,7 +341,8 @@ class Runner:
         held += self.recorder.held_job_ids()
         worker_id, lease_s = self.settings.worker_id, self.settings.lease_s
         if held:
-            await db.extend_leases(conn, worker_id=worker_id, job_ids=held, lease_s=lease_s)
+            kept = await db.extend_leases(conn, worker_id=worker_id, job_ids=held, lease_s=lease_s)
+            self._drop_lost(set(held) - kept)
         rescued = await db.rescue_expired(conn)
         self.metrics.leases_rescued(rescued)
         if rescued:
@@ -340,6 +352,15 @@ class Runner:
             failed = await db.fail_unconfigured(conn, providers=providers, lanes=list(self.by_name))
             if failed:
                 self.log.warning("unconfigured_account_jobs_failed", jobs=failed)
+
+    def _drop_lost(self, lost: set[int]) -> None:
+        """Leases that ran out (Postgres away too long, a stalled loop): another worker may be
+        sending those jobs now, so unsent ones leave the buffers; results of the others are
+        fenced out at write-back. (Jobs written back while the heartbeat ran are in `lost` too,
+        harmlessly: they are in no buffer.)"""
+        dropped = sum(lane.drop(lost) for lane in self.lanes)
+        if dropped:
+            self.log.warning("leases_lost", unsent_jobs_dropped=dropped)
 
     async def _watch_drain(self) -> None:
         """Set the stop event once no job of our lanes is pending or running anywhere."""

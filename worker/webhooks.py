@@ -50,7 +50,7 @@ import asyncpg
 
 from worker.connection import LostConnection, PgConnection
 from worker.logs import get_logger
-from worker.outcomes import Scrubber
+from worker.redaction import Scrubber
 from worker.retry import RetryPolicy
 
 EVENT = "batch.finished"
