@@ -53,6 +53,12 @@ class LaneSettings(BaseModel):
 
     credential_fields: ClassVar[tuple[str, ...]] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data: Any) -> Any:
+        """A provider section's accounts inherit its non-secret keys (a no-op for an account)."""
+        return _inherit_into_accounts(data, cls.credential_fields)
+
     def secrets(self) -> list[str]:
         """The secret values of this account, for scrubbing text before it is stored or logged."""
         values = (getattr(self, name) for name in self.credential_fields)
@@ -103,28 +109,13 @@ def _inherit_into_accounts(section: Any, credential_fields: tuple[str, ...]) -> 
 class BillpocketSection(BillpocketAccount):
     accounts: dict[str, BillpocketAccount] = Field(default_factory=dict)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _inherit(cls, data: Any) -> Any:
-        return _inherit_into_accounts(data, BillpocketAccount.credential_fields)
-
 
 class CheqpaySection(CheqpayAccount):
     accounts: dict[str, CheqpayAccount] = Field(default_factory=dict)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _inherit(cls, data: Any) -> Any:
-        return _inherit_into_accounts(data, CheqpayAccount.credential_fields)
-
 
 class KushkiSection(KushkiAccount):
     accounts: dict[str, KushkiAccount] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _inherit(cls, data: Any) -> Any:
-        return _inherit_into_accounts(data, KushkiAccount.credential_fields)
 
 
 class ProvidersSettings(BaseModel):
