@@ -121,7 +121,7 @@ async def test_readyz_follows_postgres(
     url = f"http://127.0.0.1:{port}/readyz"
     try:
         await worker.wait_for_log('"listening"')
-        assert (await get(url))[0] == 200
+        await until_status(url, 200)  # every connection up (the claim one may come just after)
         assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
         proxy.cut()
         _, body = await until_status(url, 503)
