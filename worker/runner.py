@@ -294,7 +294,9 @@ class Runner:
                     give_up=self.stop,
                 )
             except LostConnection:
-                return []  # stopping while Postgres is away: nothing was claimed
+                # stopping while Postgres is away. A claim that committed but whose answer was
+                # lost leaves its rows to the rescuer after their lease (counted as an attempt)
+                return []
 
         return claim
 
