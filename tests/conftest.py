@@ -69,15 +69,21 @@ def template_name(server_url: str) -> Iterator[str]:
     asyncio.run(_drop(server_url, name))
 
 
+async def _fresh_database(server: str, prefix: str, template: str | None) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server)
+    try:
+        from_template = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{from_template}')
+    finally:
+        await admin.close()
+    return name
+
+
 @pytest.fixture
 async def database_url(server_url: str, template_name: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test."""
-    name = f"linkworker_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-    finally:
-        await admin.close()
+    name = await _fresh_database(server_url, "linkworker_test", template_name)
     yield with_database(server_url, name)
     await _drop(server_url, name)
 
@@ -85,12 +91,7 @@ async def database_url(server_url: str, template_name: str) -> AsyncIterator[str
 @pytest.fixture
 async def empty_database_url(server_url: str) -> AsyncIterator[str]:
     """A fresh database with no schema at all."""
-    name = f"linkworker_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    name = await _fresh_database(server_url, "linkworker_empty", None)
     yield with_database(server_url, name)
     await _drop(server_url, name)
 
