@@ -3,9 +3,11 @@ lost, and a link is created twice only where the provider's outcome was truly un
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -160,8 +162,12 @@ async def test_postgres_outage_mid_run_loses_nothing(
         worker = await WorkerProcess.start("run", "--drain", "--config", str(config), env=cli_env())
         await worker.wait_for(lambda w: w.successes >= 100)
         proxy.cut()
+        cut_at = time.monotonic()
         await worker.wait_for_log('"postgres_connection_lost"')
         await worker.wait_for(lambda w: w.successes >= 250)  # links go on being made
+        # the outage itself (not a wait for anything): longer than the 4 s lease, so every
+        # lease held runs out while Postgres is away
+        await asyncio.sleep(max(0.0, cut_at + 6 - time.monotonic()))
         proxy.restore()
         assert await worker.finish(timeout_s=120) == 0
     finally:
