@@ -6,17 +6,15 @@ real Postgres; faults are queued deterministically through the simulator's /__fa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import cli_env, run_cli, start_cli, write_config
+from tests.conftest import WorkerProcess, cli_env, queue_fault, run_cli, write_config
 from worker.samples import good_payload
 from worker.simulator import RunningSimulator, SimulatorConfig, start_simulator
 
@@ -29,16 +27,6 @@ async def sim() -> AsyncIterator[RunningSimulator]:
     running = await start_simulator(SimulatorConfig(seed=5))
     yield running
     await running.close()
-
-
-async def fault(sim: RunningSimulator, provider: str, name: str, count: int = 1) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            sim.url + "/__faults", json={"provider": provider, "fault": name, "count": count}
-        ) as response,
-    ):
-        assert response.status < 300, await response.text()
 
 
 async def add_job(conn: asyncpg.Connection, provider: str, **columns: object) -> int:
@@ -67,7 +55,7 @@ async def test_throttle_pauses_the_lane_and_costs_no_attempt(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     job_id = await add_job(conn, "cheqpay", max_attempts=1)
-    await fault(sim, "cheqpay", "429", count=2)
+    await queue_fault(sim.url, "cheqpay", "429", count=2)
     _, err = await drain(database_url, sim, tmp_path)
     job = await row(conn, job_id)
     assert job["state"] == "succeeded" and job["attempts"] == 1
@@ -79,7 +67,7 @@ async def test_permanent_error_fails_at_once_with_the_providers_message(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     job_id = await add_job(conn, "cheqpay")
-    await fault(sim, "cheqpay", "400")
+    await queue_fault(sim.url, "cheqpay", "400")
     await drain(database_url, sim, tmp_path)
     job = await row(conn, job_id)
     assert job["state"] == "failed" and job["attempts"] == 1
@@ -90,7 +78,7 @@ async def test_retryable_errors_until_attempts_run_out(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     job_id = await add_job(conn, "kushki", max_attempts=3)
-    await fault(sim, "kushki", "503", count=3)
+    await queue_fault(sim.url, "kushki", "503", count=3)
     await drain(database_url, sim, tmp_path)
     job = await row(conn, job_id)
     assert job["state"] == "failed" and job["attempts"] == 3
@@ -103,7 +91,7 @@ async def test_unknown_outcome_is_retried_and_counted_on_the_row(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     job_id = await add_job(conn, "billpocket")
-    await fault(sim, "billpocket", "502")
+    await queue_fault(sim.url, "billpocket", "502")
     await drain(database_url, sim, tmp_path)
     job = await row(conn, job_id)
     assert job["state"] == "succeeded" and job["attempts"] == 2
@@ -115,7 +103,7 @@ async def test_unknown_outcome_policy_fail(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     job_id = await add_job(conn, "cheqpay")
-    await fault(sim, "cheqpay", "500")
+    await queue_fault(sim.url, "cheqpay", "500")
     await drain(database_url, sim, tmp_path, lanes={"on_unknown_outcome": "fail"})
     job = await row(conn, job_id)
     assert job["state"] == "failed" and job["unknown_outcomes"] == 1
@@ -126,9 +114,9 @@ async def test_malformed_and_urlless_success_bodies_never_crash(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     ids = [await add_job(conn, "kushki") for _ in range(3)]
-    await fault(sim, "kushki", "malformed")
-    await fault(sim, "kushki", "no_url")
-    await fault(sim, "kushki", "html")
+    await queue_fault(sim.url, "kushki", "malformed")
+    await queue_fault(sim.url, "kushki", "no_url")
+    await queue_fault(sim.url, "kushki", "html")
     await drain(database_url, sim, tmp_path)
     jobs = [await row(conn, job_id) for job_id in ids]
     assert all(job["state"] == "succeeded" for job in jobs)
@@ -161,27 +149,14 @@ async def test_notify_wakes_an_idle_worker_and_sigterm_stops_it(
     config = write_config(
         tmp_path / "lw.toml", database_url, sim.url, poll_interval_s=60, log_level="info"
     )
-    worker = await start_cli("run", "--config", str(config), env=cli_env())
-    assert worker.stderr is not None
+    worker = await WorkerProcess.start("run", "--config", str(config), env=cli_env())
     try:
-        await read_until(worker.stderr, '"listening"')
+        await worker.wait_for_log('"listening"')
         job_id = await add_job(conn, "billpocket")
-        line = await read_until(worker.stderr, '"job_succeeded"')  # long before the 60 s poll
-        assert f'"job_id": {job_id}' in line
-        worker.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(worker.wait(), 30) == 0
+        await worker.wait_for_log('"job_succeeded"', timeout_s=30)  # long before the 60 s poll
+        assert any(f'"job_id": {job_id}' in line for line in worker.lines)
+        worker.process.send_signal(signal.SIGTERM)
+        assert await worker.finish(timeout_s=30) == 0
     finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
+        await worker.kill()
     assert (await row(conn, job_id))["state"] == "succeeded"
-
-
-async def read_until(stream: asyncio.StreamReader, marker: str, timeout_s: float = 30) -> str:
-    async def scan() -> str:
-        while line := (await stream.readline()).decode():
-            if marker in line:
-                return line
-        raise AssertionError(f"the worker's log ended before {marker}")
-
-    return await asyncio.wait_for(scan(), timeout_s)

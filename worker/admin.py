@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from worker.arguments import CONFIG_HELP
 from worker.enqueue import connected
 
 
@@ -177,7 +178,6 @@ def report(counts: Sequence[LaneCount], *, verb: str, past: str, what: str, dry_
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`linkworker retry` and `linkworker cancel`."""
-    from worker.cli import CONFIG_HELP
 
     retry = commands.add_parser(
         "retry",

@@ -19,34 +19,12 @@ from collections.abc import Sequence
 import asyncpg
 
 from worker import admin, bench, enqueue, reports, simulator
+from worker.arguments import CONFIG_HELP, non_negative, positive_int
 from worker.errors import ConfigError
 from worker.logs import configure_logging, get_logger
 from worker.migrations import migrate
 from worker.runner import Runner
 from worker.settings import Settings, load_settings
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
-
-
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-CONFIG_HELP = "TOML configuration file (default: $LINKWORKER_CONFIG; env vars override it)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ from pydantic_core import (
     to_json,
 )
 
+from worker.arguments import CONFIG_HELP, positive_int
 from worker.errors import ConfigError, LinkworkerError
 from worker.migrations import require_current_schema
 from worker.providers import PROVIDER_NAMES, billpocket, cheqpay, common, kushki
@@ -584,7 +585,6 @@ def _spec_rows(jobs: Iterable[JobSpec | Mapping[str, object]]) -> Iterator[Sourc
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`linkworker enqueue FILE [...]`."""
-    from worker.cli import CONFIG_HELP, positive_int
 
     cmd = commands.add_parser(
         "enqueue",

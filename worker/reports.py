@@ -30,6 +30,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
+from worker.arguments import CONFIG_HELP, non_negative
 from worker.enqueue import connected
 from worker.errors import LinkworkerError
 
@@ -383,7 +384,6 @@ async def run_export(database_url: str, args: argparse.Namespace) -> int:
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`linkworker status` and `linkworker export`."""
-    from worker.cli import CONFIG_HELP, non_negative
 
     status = commands.add_parser(
         "status",

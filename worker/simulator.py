@@ -63,6 +63,8 @@ from typing import Any, ClassVar, NamedTuple, NoReturn
 
 from aiohttp import web
 
+from worker.arguments import non_negative
+
 __all__ = [
     "FAULTS",
     "PROVIDERS",
@@ -1185,25 +1187,15 @@ def _base_url(host: str, port: int) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _non_negative(text)
+    value = non_negative(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a fraction from 0 to 1, e.g. 0.05")
     return value
 
 
 def _rate(text: str) -> float:
-    value = _non_negative(text)
+    value = non_negative(text)
     if value < 1:
         raise argparse.ArgumentTypeError(
             f"{text!r} must be >= 1: the limit counts requests in a one-second window"
@@ -1233,7 +1225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--latency-ms",
-        type=_non_negative,
+        type=non_negative,
         default=0.0,
         metavar="MS",
         help="delay added to every answer (default: 0)",
@@ -1262,7 +1254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--slow-ms",
-        type=_non_negative,
+        type=non_negative,
         default=0.0,
         metavar="MS",
         help="extra delay of a slow request (default: 0)",
