@@ -8,9 +8,10 @@ from collections.abc import Mapping
 import aiohttp
 import pytest
 
+from worker.budget import drain_rate
 from worker.db import Outcome
 from worker.jobs import Job, LinkCreated, ProviderRequest
-from worker.lanes import Lane, drain_rate
+from worker.lanes import Lane
 from worker.metrics import Metrics
 from worker.outcomes import OutcomeLadder
 from worker.redaction import Scrubber

@@ -8,6 +8,7 @@ never overwrite a newer attempt.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -44,14 +45,42 @@ class Outcome:
 
 
 CLAIM = """
--- the rows: one lane's claimable jobs, in priority order, skipping rows other workers hold
-WITH picked AS (
-    SELECT id
-      FROM link_jobs
+-- the priority: the highest one with a job due in this lane
+WITH RECURSIVE top AS (
+    SELECT priority FROM link_jobs
      WHERE state = 'pending' AND provider = $1 AND account = $2 AND run_at <= now()
-     ORDER BY priority DESC, run_at, id
+     ORDER BY priority DESC LIMIT 1
+),
+-- its batches, in key order after the lane's cursor: a loose index scan, one probe per batch
+batches AS (
+    SELECT first.batch, 1 AS n
+      FROM top,
+           LATERAL (SELECT coalesce(j.batch_id, '') AS batch FROM link_jobs AS j
+                     WHERE j.state = 'pending' AND j.provider = $1 AND j.account = $2
+                       AND j.priority = top.priority
+                       AND ($6::text IS NULL OR coalesce(j.batch_id, '') > $6)
+                     ORDER BY coalesce(j.batch_id, '') LIMIT 1) AS first
+    UNION ALL
+    SELECT next.batch, b.n + 1
+      FROM batches AS b, top,
+           LATERAL (SELECT coalesce(j.batch_id, '') AS batch FROM link_jobs AS j
+                     WHERE j.state = 'pending' AND j.provider = $1 AND j.account = $2
+                       AND j.priority = top.priority AND coalesce(j.batch_id, '') > b.batch
+                     ORDER BY coalesce(j.batch_id, '') LIMIT 1) AS next
+     WHERE b.n < $7
+),
+-- the rows: an equal share from each batch, oldest first, skipping rows other workers hold
+picked AS (
+    SELECT p.id
+      FROM batches AS b, top,
+           LATERAL (SELECT j.id FROM link_jobs AS j
+                     WHERE j.state = 'pending' AND j.provider = $1 AND j.account = $2
+                       AND j.priority = top.priority AND coalesce(j.batch_id, '') = b.batch
+                       AND j.run_at <= now()
+                     ORDER BY j.run_at, j.id
+                     LIMIT (SELECT ceil($3::float8 / count(*))::int FROM batches)
+                       FOR UPDATE SKIP LOCKED) AS p
      LIMIT $3
-       FOR UPDATE SKIP LOCKED
 )
 -- the lease: mark them running for this worker, counting the attempt
 UPDATE link_jobs AS j
@@ -62,8 +91,19 @@ UPDATE link_jobs AS j
        updated_at = now()
   FROM picked
  WHERE j.id = picked.id
-RETURNING j.id, j.payload::text AS payload, j.attempts, j.max_attempts, j.idempotency_key
+RETURNING j.id, j.payload::text AS payload, j.attempts, j.max_attempts, j.idempotency_key,
+          (SELECT count(*) FROM batches) AS batches, (SELECT max(batch) FROM batches) AS last_batch
 """
+
+# batches one claim serves at most; more are served in turn by the following claims
+CLAIM_BATCHES = 32
+
+
+@dataclass(slots=True)
+class BatchCursor:
+    """Where a lane's round of its batches stands: the last batch key a claim reached."""
+
+    after: str | None = None
 
 
 async def claim(
@@ -74,9 +114,21 @@ async def claim(
     limit: int,
     worker_id: str,
     lease_s: float,
+    cursor: BatchCursor | None = None,
 ) -> list[Job]:
-    """Lease up to `limit` claimable jobs of one lane to this worker."""
-    rows = await conn.fetch(CLAIM, provider, account, limit, worker_id, lease_s)
+    """Lease up to `limit` claimable jobs of one lane to this worker.
+
+    Fair: only the highest priority that has a job due, and within it an equal share of each
+    batch (jobs without a batch are one batch). With `cursor`, a lane that has more batches
+    than one claim serves takes them in turn; without one, each claim starts from the first.
+    """
+    after = cursor.after if cursor is not None else None
+    batches = max(1, min(limit, CLAIM_BATCHES))
+    rows = await conn.fetch(CLAIM, provider, account, limit, worker_id, lease_s, after, batches)
+    if cursor is not None:
+        # the walk stopped at its cap: go on after its last batch; it reached the end: start over
+        full = bool(rows) and rows[0]["batches"] >= batches
+        cursor.after = rows[0]["last_batch"] if full else None
     jobs = [
         Job(
             id=row["id"],
@@ -221,7 +273,7 @@ async def release(conn: asyncpg.Connection, *, worker_id: str, job_ids: Sequence
     return int(status.split()[-1])
 
 
-# The (provider, account) pairs with pending jobs, by a loose index scan over link_jobs_claim:
+# The (provider, account) pairs with pending jobs, by a loose index scan over link_jobs_claim_fair:
 # one index probe per lane, so the cost follows the number of lanes, not of rows.
 PENDING_LANES = """
 WITH RECURSIVE lanes AS (
@@ -323,3 +375,209 @@ async def backlog(conn: asyncpg.Connection, *, lanes: Sequence[str]) -> Backlog:
         running=row["running"],
         next_run_in_s=row["next_run_in_s"],
     )
+
+
+# --- fleet lanes: limits and rate budget shared by every worker (sql/0004_fleet_lanes.sql) ---
+
+
+@dataclass(frozen=True, slots=True)
+class LaneLimits:
+    """A lane's limits as the fleet keeps them in `linkworker_lanes`."""
+
+    rate_per_s: float
+    burst: int
+    max_in_flight: int
+    rate_headroom: float
+    adaptive: bool
+
+
+CONFIGURE_LANE = """
+-- the row as it was, to say what changed
+WITH old AS (
+    SELECT rate_per_s, burst, max_in_flight, rate_headroom, adaptive, configured_by
+      FROM linkworker_lanes WHERE provider = $1 AND account = $2
+)
+-- this worker's configuration becomes the lane's limits, for every worker
+INSERT INTO linkworker_lanes AS l
+       (provider, account, rate_per_s, burst, max_in_flight, rate_headroom, adaptive,
+        configured_by, current_per_s)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $3)
+ON CONFLICT (provider, account) DO UPDATE
+   SET rate_per_s = excluded.rate_per_s,
+       burst = excluded.burst,
+       max_in_flight = excluded.max_in_flight,
+       rate_headroom = excluded.rate_headroom,
+       adaptive = excluded.adaptive,
+       configured_by = excluded.configured_by,
+       configured_at = now(),
+       -- an adaptive lane keeps what it learned, under the new ceiling
+       current_per_s = CASE WHEN l.adaptive AND excluded.adaptive
+                            THEN least(l.current_per_s, excluded.rate_per_s)
+                            ELSE excluded.rate_per_s END,
+       learned_per_s = CASE WHEN l.adaptive AND excluded.adaptive THEN l.learned_per_s END,
+       rate_changed_at = now()
+ WHERE (l.rate_per_s, l.burst, l.max_in_flight, l.rate_headroom, l.adaptive)
+       IS DISTINCT FROM (excluded.rate_per_s, excluded.burst, excluded.max_in_flight,
+                         excluded.rate_headroom, excluded.adaptive)
+RETURNING (SELECT row_to_json(old)::text FROM old) AS previous
+"""
+
+
+async def configure_lane(
+    conn: asyncpg.Connection, *, provider: str, account: str, limits: LaneLimits, worker_id: str
+) -> tuple[bool, dict[str, object] | None]:
+    """Write a lane's limits; returns (changed, the limits it had before, if it existed)."""
+    row = await conn.fetchrow(
+        CONFIGURE_LANE,
+        provider,
+        account,
+        limits.rate_per_s,
+        limits.burst,
+        limits.max_in_flight,
+        limits.rate_headroom,
+        limits.adaptive,
+        worker_id,
+    )
+    if row is None:
+        return False, None
+    previous = row["previous"]
+    return True, (json.loads(previous) if previous is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """Send slots granted to this worker: `granted` of them, the first due at `first_at`, the
+    others every `spacing_s`. Times are the server's clock (epoch seconds); `now_at` is when
+    it granted them."""
+
+    first_at: float
+    now_at: float
+    spacing_s: float
+    granted: int
+    rate_per_s: float
+
+
+async def take_slots(
+    conn: asyncpg.Connection, *, provider: str, account: str, wanted: int
+) -> Slots:
+    """Take `wanted` send slots from a lane's fleet-wide budget."""
+    row = await conn.fetchrow(
+        "SELECT * FROM linkworker_take_slots($1, $2, $3)", provider, account, wanted
+    )
+    assert row is not None  # a function with OUT parameters returns one row
+    return Slots(
+        row["first_at"], row["now_at"], row["spacing_s"], row["granted"], row["rate_per_s"]
+    )
+
+
+async def lane_throttled(
+    conn: asyncpg.Connection, *, provider: str, account: str, pause_s: float
+) -> float | None:
+    """Pause a lane for every worker (and NOTIFY them); returns the lane's rate after it."""
+    rate: float | None = await conn.fetchval(
+        "SELECT linkworker_lane_throttled($1, $2, $3)", provider, account, pause_s
+    )
+    return rate
+
+
+LANES_CHANNEL = "linkworker_lanes"  # NOTIFY 'provider/account': the lane was paused by a 429
+
+JOIN_LANES = """
+-- this worker serves these lanes; workers not seen for the time to live are gone
+WITH here AS (
+    INSERT INTO linkworker_lane_workers AS w (provider, account, worker_id)
+    SELECT provider, account, $1 FROM unnest($2::text[], $3::text[]) AS l(provider, account)
+    ON CONFLICT (provider, account, worker_id) DO UPDATE SET seen_at = now()
+    RETURNING w.provider
+)
+DELETE FROM linkworker_lane_workers
+ WHERE seen_at < now() - make_interval(secs => $4) AND worker_id <> $1
+"""
+
+LANE_WORKERS = """
+-- each lane's live workers, oldest first: the oldest take the in-flight remainder
+SELECT w.provider, w.account, l.max_in_flight, w.worker_id,
+       count(*) OVER lane AS workers,
+       (row_number() OVER (lane ORDER BY w.joined_at, w.worker_id) - 1)::int AS rank,
+       extract(epoch FROM now() - w.joined_at)::float8 AS member_for_s
+  FROM linkworker_lane_workers AS w
+  JOIN linkworker_lanes AS l USING (provider, account)
+ WHERE (w.provider, w.account) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+   AND w.seen_at >= now() - make_interval(secs => $3)
+WINDOW lane AS (PARTITION BY w.provider, w.account)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LaneShare:
+    """This worker's place among the live workers of a lane."""
+
+    max_in_flight: int
+    workers: int
+    rank: int
+    member_for_s: float
+
+    def in_flight(self, settle_s: float) -> int:
+        """This worker's part of the lane's in-flight cap. A newcomer takes its part only once
+        the others have had `settle_s` to see it and shrink theirs, so the sum never exceeds
+        the cap."""
+        if self.workers > 1 and self.member_for_s < settle_s:
+            return 0
+        share, extra = divmod(self.max_in_flight, self.workers)
+        return share + (1 if self.rank < extra else 0)
+
+
+async def lane_shares(
+    conn: asyncpg.Connection, *, worker_id: str, lanes: Sequence[tuple[str, str]], ttl_s: float
+) -> dict[tuple[str, str], LaneShare]:
+    """Say this worker is alive in its lanes; returns its share of each."""
+    providers = [provider for provider, _ in lanes]
+    accounts = [account for _, account in lanes]
+    await conn.execute(JOIN_LANES, worker_id, providers, accounts, ttl_s)
+    rows = await conn.fetch(LANE_WORKERS, providers, accounts, ttl_s)
+    return {
+        (row["provider"], row["account"]): LaneShare(
+            row["max_in_flight"], row["workers"], row["rank"], row["member_for_s"]
+        )
+        for row in rows
+        if row["worker_id"] == worker_id
+    }
+
+
+async def leave_lanes(conn: asyncpg.Connection, *, worker_id: str) -> None:
+    """This worker stops: the others take its share of the in-flight caps at once."""
+    await conn.execute("DELETE FROM linkworker_lane_workers WHERE worker_id = $1", worker_id)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneState:
+    """A lane's row in `linkworker_lanes`, for `linkworker status`."""
+
+    provider: str
+    account: str
+    rate_per_s: float
+    current_per_s: float
+    burst: int
+    max_in_flight: int
+    adaptive: bool
+    paused_for_s: float
+    throttles: int
+    workers: int
+
+
+LANE_STATES = """
+SELECT l.provider, l.account, l.rate_per_s, l.current_per_s, l.burst, l.max_in_flight,
+       l.adaptive, l.throttles,
+       CASE WHEN l.paused_until > now() THEN extract(epoch FROM l.paused_until - now())::float8
+            ELSE 0.0 END AS paused_for_s,
+       (SELECT count(*) FROM linkworker_lane_workers AS w
+         WHERE w.provider = l.provider AND w.account = l.account
+           AND w.seen_at >= now() - make_interval(secs => $1))::int AS workers
+  FROM linkworker_lanes AS l
+ ORDER BY l.provider, l.account
+"""
+
+
+async def lane_states(conn: asyncpg.Connection, *, ttl_s: float) -> list[LaneState]:
+    """Every lane's limits and budget state, with how many live workers serve it."""
+    return [LaneState(**dict(row)) for row in await conn.fetch(LANE_STATES, ttl_s)]

@@ -1,21 +1,18 @@
 """A lane: one provider account, with its own rate, in-flight cap and buffer of claimed jobs.
 
-Rate shaping. `rate_per_s` is the provider's limit as it counts it: requests in any one-second
-window. A leaky bucket of capacity `c` draining at r/s lets at most `c - 1 + r` requests into
-any one-second window, so the lane drains at `r = (rate_per_s - (c - 1)) / (1 + rate_headroom)`
-with `c = burst + SLACK`: the window promise holds at the sender, and the headroom (1% by
-default, i.e. 10 ms a second) absorbs network jitter that could bunch requests up on their way.
-The half-request SLACK lets a send that woke late be made up by the next one; without it every
-timer overshoot is lost for good (capacity 1 reached only 90% of a 200/s limit). A plain
-`AsyncLimiter(rate_per_s, 1)` would let up to twice the limit through in the first second.
+Rate shaping is the lane's budget (worker/budget.py): by default one shared by every worker on
+the database, kept in Postgres, or this process's own leaky bucket. Either way no one-second
+window holds more than `rate_per_s`, with `rate_headroom` kept free for network jitter. The
+in-flight cap is a gate whose limit is this worker's part of the lane's `max_in_flight`.
 
 Rate and concurrency are separate knobs, and both are held only around the HTTP call: a job is
-validated and built before it waits for a token, so a bad payload never spends one.
+validated and built before it waits for a slot, so a bad payload never spends one.
 
 A lane claims only what it can start soon (`prefetch_s` of its rate plus its in-flight cap, and
 never more than it can start in half a lease), so a slow lane neither hoards jobs nor starves
-others. A 429 pauses the whole lane for Retry-After (1 s if absent) and puts the job back at the
-front of the buffer: the throttle is the worker's fault, and costs the job no attempt.
+others. A 429 pauses the whole lane (for every worker) for Retry-After (1 s if absent) and puts
+the job back at the front of the buffer: the throttle is not the job's fault, and costs it no
+attempt.
 """
 
 from __future__ import annotations
@@ -30,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiolimiter import AsyncLimiter
 
 from worker import http
 from worker.breaker import CircuitBreaker
-from worker.connection import first_set, wait_for_event
+from worker.budget import Budget, FleetBudget, InFlightGate, ProcessBudget, drain_rate
+from worker.connection import LostConnection, PgConnection, first_set, wait_for_event
 from worker.db import Outcome
 from worker.errors import (
     ConflictError,
@@ -70,19 +67,6 @@ class LaneCounts:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
-SLACK = 0.5
-
-
-def bucket_capacity(settings: LaneSettings) -> float:
-    return settings.burst + SLACK
-
-
-def drain_rate(settings: LaneSettings) -> float:
-    """Requests per second the lane's bucket lets out, so no one-second window exceeds the limit."""
-    allowed = settings.rate_per_s - (bucket_capacity(settings) - 1)
-    return max(allowed, 0.01) / (1 + settings.rate_headroom)
-
-
 class Lane:
     def __init__(
         self,
@@ -101,9 +85,8 @@ class Lane:
         self.name = f"{provider}/{account}"
         self.adapter, self.ladder = adapter, ladder
         rate = drain_rate(settings)
-        capacity = bucket_capacity(settings)
-        self.limiter = AsyncLimiter(capacity, capacity / rate)
-        self.slots = asyncio.Semaphore(settings.max_in_flight)
+        self.budget: Budget = ProcessBudget(settings)
+        self.slots = InFlightGate(settings.max_in_flight)
         self.timeout = aiohttp.ClientTimeout(
             total=settings.timeout_s, sock_connect=settings.connect_timeout_s
         )
@@ -126,6 +109,17 @@ class Lane:
         metrics.set_max_in_flight(settings.max_in_flight)
         self.log = get_logger(provider=provider, account=account)
 
+    def share_with_fleet(self, conn: PgConnection, give_up: asyncio.Event) -> None:
+        """Take the rate from the lane's budget in Postgres, shared by every worker."""
+        self.budget = FleetBudget(
+            self.provider,
+            self.account,
+            self.settings,
+            conn,
+            need=lambda: min(len(self.buffer), self.slots.free),
+            give_up=give_up,
+        )
+
     @property
     def idle(self) -> bool:
         """Nothing buffered, nothing in flight, and the queue had nothing for it."""
@@ -139,6 +133,10 @@ class Lane:
     async def feed(self, claim: Claim, stop: asyncio.Event, poll_interval_s: float) -> None:
         """Keep the buffer topped up from the queue until `stop`."""
         while not stop.is_set():
+            if self.slots.limit == 0:  # more workers than in-flight slots: others serve it
+                self.exhausted = not self.buffer
+                await wait_for_event(stop, poll_interval_s)
+                continue
             if len(self.buffer) > self.target // 2:
                 await wait_for_event(self.wake, poll_interval_s)
                 if len(self.buffer) > self.target // 2:
@@ -189,7 +187,10 @@ class Lane:
         await self._wait_breaker(stop)
         if stop.is_set():
             return False
-        await self._acquire(job)
+        try:
+            await self._acquire(job)
+        except LostConnection:  # stopping while Postgres is away: no slot for it
+            return False
         if self.paused_until > time.monotonic():
             await self._wait_unpaused(stop)
         if stop.is_set():
@@ -198,11 +199,11 @@ class Lane:
         return True
 
     async def _acquire(self, job: Job) -> None:
-        """Take an in-flight slot, then a rate token; if cancelled, the job goes back unsent."""
+        """Take an in-flight slot, then a send slot; if cancelled, the job goes back unsent."""
         await _or_put_back(self.slots.acquire(), job, self.buffer)
         try:
-            await _or_put_back(self.limiter.acquire(), job, self.buffer)
-        except asyncio.CancelledError:
+            await _or_put_back(self.budget.acquire(), job, self.buffer)
+        except (asyncio.CancelledError, LostConnection):
             self.slots.release()
             raise
 
@@ -273,7 +274,7 @@ class Lane:
         self, session: aiohttp.ClientSession, job: Job, lookup: LinkLookup
     ) -> LinkCreated:
         """After a conflict, find the link an earlier attempt created (a rate-limited call too)."""
-        await self.limiter.acquire()
+        await self.budget.acquire()
         request = lookup.lookup_request(job, self.settings)
         answer = await self._send(session, request)
         created = lookup.parse_lookup(job, answer.status, answer.headers, answer.body)
@@ -296,6 +297,7 @@ class Lane:
     def _throttled(self, job: Job, exc: ThrottledError) -> None:
         pause_s = exc.retry_after_s if exc.retry_after_s is not None else 1.0
         self.paused_until = max(self.paused_until, time.monotonic() + pause_s)
+        self.budget.throttled(pause_s)
         self.buffer.appendleft(job)
         self.has_jobs.set()
         self.counts.throttled += 1

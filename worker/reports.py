@@ -30,12 +30,14 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
+from worker import db
 from worker.arguments import CONFIG_HELP, non_negative
 from worker.enqueue import connected
 from worker.errors import LinkworkerError
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 RECENT_BATCHES = 10
+WORKER_TTL_S = 6.0  # a worker not seen for this long is gone (3 x the default fleet_refresh_s)
 WATCH_INTERVAL_S = 2.0
 EXPORT_PREFETCH = 2000
 EXPORT_COLUMNS = (
@@ -102,6 +104,7 @@ class Status:
     batch_id: str | None
     lanes: list[LaneStatus]
     batches: list[BatchStatus]
+    limits: list[db.LaneState]
 
     def total(self, state: str) -> int:
         return sum(int(getattr(lane, state)) for lane in self.lanes)
@@ -112,6 +115,10 @@ class Status:
             "batch_id": self.batch_id,
             "lanes": [{"lane": lane.name, **asdict(lane)} for lane in self.lanes],
             "batches": [_json_batch(batch) for batch in self.batches],
+            "limits": [
+                {"lane": f"{limit.provider}/{limit.account}", **asdict(limit)}
+                for limit in self.limits
+            ],
         }
 
 
@@ -159,7 +166,8 @@ async def fetch_status(conn: asyncpg.Connection, batch_id: str | None) -> Status
     batches = [BatchStatus(**dict(row)) for row in rows]
     if batch_id is not None and not batches:
         raise ReportError(f"no jobs in batch {batch_id!r}")
-    return Status(datetime.now(UTC), batch_id, lanes, batches)
+    limits = await db.lane_states(conn, ttl_s=WORKER_TTL_S)
+    return Status(datetime.now(UTC), batch_id, lanes, batches, limits)
 
 
 # --- showing a status -------------------------------------------------------------------------
@@ -219,8 +227,32 @@ def batch_table(batches: Sequence[BatchStatus]) -> Table:
     return table
 
 
+def limits_table(limits: Sequence[db.LaneState]) -> Table:
+    """Each lane's limits as every worker obeys them (`linkworker_lanes`), and who serves it."""
+    table = Table(title="lane limits (for all workers together)")
+    table.add_column("lane")
+    for heading in ("rate/s", "now/s", "burst", "in flight", "adaptive", "workers", "429s"):
+        table.add_column(heading, justify="right")
+    table.add_column("paused", justify="right")
+    for lane in limits:
+        table.add_row(
+            f"{lane.provider}/{lane.account}",
+            f"{lane.rate_per_s:g}",
+            f"{lane.current_per_s:.4g}",
+            str(lane.burst),
+            str(lane.max_in_flight),
+            "yes" if lane.adaptive else "no",
+            str(lane.workers),
+            str(lane.throttles),
+            age(lane.paused_for_s) if lane.paused_for_s > 0 else "-",
+        )
+    return table
+
+
 def status_view(status: Status) -> RenderableType:
     parts: list[RenderableType] = [lane_table(status)]
+    if status.limits:
+        parts.append(limits_table(status.limits))
     if status.batches:
         parts.append(batch_table(status.batches))
     return Group(*parts)

@@ -12,8 +12,9 @@ is pending or running (retries included).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
@@ -103,6 +104,7 @@ class Runner:
         self.listen = PgConnection(dsn, "listen")
         self.webhooks = PgConnection(dsn, "webhooks")
         self.snapshots = PgConnection(dsn, "metrics")  # never holds up the heartbeat
+        self.fleet = PgConnection(dsn, "budget", command_timeout_s=timeout_s)
         self.batch_done = asyncio.Event()  # NOTIFY linkworker_batch_done: a webhook may be due
         self.recorder = Recorder(
             PgConnection(dsn, "write", command_timeout_s=timeout_s),
@@ -113,6 +115,10 @@ class Runner:
         )
         self.lanes = build_lanes(settings, self.metrics)
         self.by_name = {lane.name: lane for lane in self.lanes}
+        self.shared = settings.rate_limit_scope == "fleet"
+        if self.shared:
+            for lane in self.lanes:
+                lane.share_with_fleet(self.fleet, stop)
         self.log = get_logger(worker_id=settings.worker_id)
 
     async def run(self) -> RunSummary:
@@ -123,14 +129,27 @@ class Runner:
         health = await self._serve_health()
         try:
             await self.upkeep.run(self._check_database, give_up=self.stop)
-            self.log.info("worker_started", lanes=list(self.by_name), drain=self.drain)
+            if self.shared:
+                await self.upkeep.run(self._configure_lanes, give_up=self.stop)
+                await self.upkeep.run(self._refresh_shares, give_up=self.stop)
+            self.log.info(
+                "worker_started",
+                lanes=list(self.by_name),
+                drain=self.drain,
+                rate_limit_scope=self.settings.rate_limit_scope,
+            )
             session = http.create_session(sum(lane.settings.max_in_flight for lane in self.lanes))
             # webhooks get their own connections: a slow receiver never holds a provider's
             webhook_session = http.create_session(webhooks.DEFAULT_BATCH_SIZE)
             async with session, webhook_session:
                 await self._supervise(session, webhook_session)
         finally:
-            connections = (self.claims, self.upkeep, self.listen, self.webhooks, self.snapshots)
+            for lane in self.lanes:
+                await lane.budget.close()
+            connections = (
+                *(self.claims, self.upkeep, self.listen, self.webhooks, self.snapshots),
+                self.fleet,
+            )
             for conn in (*connections, self.recorder.conn):
                 await conn.close()
             if health is not None:
@@ -211,6 +230,8 @@ class Runner:
             ]
             if self.drain:
                 background.append(group.create_task(self._watch_drain()))
+            if self.shared:
+                background.append(group.create_task(self._stay_in_fleet()))
             # not in `background`: it ends its round on stop (cancelling a POST would send it
             # again after the lease), and the group waits for it
             group.create_task(
@@ -253,6 +274,8 @@ class Runner:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self._hand_back()
+        if self.shared:
+            await self._leave_fleet()
         try:
             await self.recorder.flush(give_up=self.hurry)
         except LostConnection:
@@ -273,6 +296,7 @@ class Runner:
 
     def _claimer(self, lane: Lane) -> Claim:
         settings = self.settings
+        cursor = db.BatchCursor()  # the lane's round of its batches
 
         async def claim(limit: int) -> list[Job]:
             if (
@@ -290,6 +314,7 @@ class Runner:
                         limit=limit,
                         worker_id=settings.worker_id,
                         lease_s=settings.lease_s,
+                        cursor=cursor,
                     ),
                     give_up=self.stop,
                 )
@@ -312,6 +337,11 @@ class Runner:
         def on_batch_done(*_: object) -> None:
             self.batch_done.set()
 
+        def on_lane_paused(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            lane = self.by_name.get(str(payload))
+            if lane is not None:
+                lane.budget.paused_elsewhere()
+
         async def listen(conn: asyncpg.Connection) -> None:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -322,6 +352,7 @@ class Runner:
             conn.add_termination_listener(on_terminate)
             await conn.add_listener(db.NOTIFY_CHANNEL, on_notify)
             await conn.add_listener(webhooks.BATCH_DONE_CHANNEL, on_batch_done)
+            await conn.add_listener(db.LANES_CHANNEL, on_lane_paused)
             self.batch_done.set()  # batches may have finished while we were not listening
             self.log.info("listening", channel=db.NOTIFY_CHANNEL)
             for lane in self.lanes:
@@ -330,6 +361,70 @@ class Runner:
             raise ConnectionError("the LISTEN connection was closed")
 
         await self.listen.run(listen)
+
+    async def _configure_lanes(self, conn: asyncpg.Connection) -> None:
+        """Write this worker's lane limits to `linkworker_lanes`, which every worker obeys."""
+        for lane in self.lanes:
+            settings = lane.settings
+            limits = db.LaneLimits(
+                rate_per_s=settings.rate_per_s,
+                burst=settings.burst,
+                max_in_flight=settings.max_in_flight,
+                rate_headroom=settings.rate_headroom,
+                adaptive=settings.adaptive,
+            )
+            changed, before = await db.configure_lane(
+                conn,
+                provider=lane.provider,
+                account=lane.account,
+                limits=limits,
+                worker_id=self.settings.worker_id,
+            )
+            if changed and before is not None:
+                self.log.warning(
+                    "lane_limits_changed",
+                    lane=lane.name,
+                    before={k: v for k, v in before.items() if k != "configured_by"},
+                    after=asdict(limits),
+                    previously_by=before.get("configured_by"),
+                )
+
+    def _fleet_ttl_s(self) -> float:
+        return 3 * self.settings.fleet_refresh_s
+
+    async def _refresh_shares(self, conn: asyncpg.Connection) -> None:
+        """Say we are alive in our lanes; take our part of each one's in-flight cap."""
+        shares = await db.lane_shares(
+            conn,
+            worker_id=self.settings.worker_id,
+            lanes=[(lane.provider, lane.account) for lane in self.lanes],
+            ttl_s=self._fleet_ttl_s(),
+        )
+        settle_s = 1.5 * self.settings.fleet_refresh_s
+        for lane in self.lanes:
+            share = shares.get((lane.provider, lane.account))
+            limit = share.in_flight(settle_s) if share is not None else 0
+            if limit != lane.slots.limit:
+                lane.slots.set_limit(limit)
+                lane.metrics.set_max_in_flight(limit)
+                workers = share.workers if share is not None else 0
+                self.log.info(
+                    "lane_share_changed", lane=lane.name, in_flight=limit, workers=workers
+                )
+                lane.wake.set()
+
+    async def _stay_in_fleet(self) -> None:
+        while not self.stop.is_set():
+            await wait_for_event(self.stop, self.settings.fleet_refresh_s)
+            if not self.stop.is_set():
+                await self.upkeep.run(self._refresh_shares)
+
+    async def _leave_fleet(self) -> None:
+        worker_id = self.settings.worker_id
+        with contextlib.suppress(LostConnection):  # if not, our rows age out (3 x refresh)
+            await self.upkeep.run(
+                lambda c: db.leave_lanes(c, worker_id=worker_id), give_up=self.hurry
+            )
 
     async def _upkeep(self) -> None:
         """Heartbeat our leases, rescue expired ones, fail jobs of unconfigured accounts."""

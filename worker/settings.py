@@ -47,6 +47,9 @@ class LaneSettings(BaseModel):
     rate_headroom: float = Field(
         default=0.01, ge=0, lt=0.5, description="fraction kept free for network jitter"
     )
+    adaptive: bool = Field(
+        default=False, description="lower the rate on 429 and raise it slowly while calls succeed"
+    )
     on_unknown_outcome: Literal["retry", "fail"] = "retry"
     breaker_threshold: int = Field(default=5, ge=1, description="consecutive failures to open")
     breaker_cooldown_s: float = Field(default=2.0, gt=0, description="first open period")
@@ -149,6 +152,12 @@ class Settings(BaseSettings):
     claim_batch_size: int = Field(default=200, ge=1, le=5000)
     prefetch_s: float = Field(default=2.0, gt=0, description="seconds of a lane's rate to hold")
     poll_interval_s: float = Field(default=1.0, gt=0)
+    rate_limit_scope: Literal["fleet", "process"] = Field(
+        default="fleet", description="whose limit rate_per_s is: all workers' or this process's"
+    )
+    fleet_refresh_s: float = Field(
+        default=2.0, gt=0, le=60, description="how often a worker says it is alive in its lanes"
+    )
     flush_interval_s: float = Field(default=0.02, gt=0)
     write_batch_size: int = Field(default=500, ge=1, le=10_000)
     retry_base_s: float = Field(default=1.0, gt=0)

@@ -1,0 +1,328 @@
+"""A lane's rate budget and in-flight cap, for this process alone or for the whole fleet.
+
+`rate_limit_scope = "fleet"` (the default): the budget lives in Postgres, in the lane's row of
+`linkworker_lanes`, as a GCRA (the time of its next free slot). The lane takes a block of send
+slots, about `BLOCK_S` of its rate, with one call of `linkworker_take_slots`, and sends each job
+at its slot's time, so the database is touched once per block whatever the number of workers.
+Slots are handed out in sequence to the whole fleet, spaced as the process limiter would space
+them, so every one-second window stays under the limit however many workers share the lane.
+A slot this worker could not use within half of `rate_headroom` seconds of its time lapses
+(sending it later could bunch with the next ones; the other half of the headroom is for jitter
+on the way); a dead worker's slots lapse within its last block. A block is no bigger than what
+the lane can send at once: its buffered jobs, its free in-flight slots.
+The next block is taken while half of the current one is left, so a round trip to Postgres
+never leaves a gap.
+
+A 429 pauses the lane for every worker: the pause is written to the lane's row (no slot is
+granted before its end) and NOTIFYed, and each worker drops the slots it held.
+
+`rate_limit_scope = "process"`: an aiolimiter bucket in this process, no round trip; each
+replica must then be given its share of the provider's limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+from aiolimiter import AsyncLimiter
+
+from worker import db
+from worker.connection import LostConnection, PgConnection
+from worker.logs import get_logger
+from worker.settings import LaneSettings
+
+BLOCK_S = 0.1  # seconds of a lane's rate one block of slots covers, at most
+SLACK = 0.5  # requests of slack in the bucket on top of `burst` (see lanes.py)
+
+
+def bucket_capacity(settings: LaneSettings) -> float:
+    return settings.burst + SLACK
+
+
+def drain_rate(settings: LaneSettings) -> float:
+    """Requests per second the lane's bucket lets out, so no one-second window exceeds the limit."""
+    allowed = settings.rate_per_s - (bucket_capacity(settings) - 1)
+    return max(allowed, 0.01) / (1 + settings.rate_headroom)
+
+
+class Budget(Protocol):
+    async def acquire(self) -> None:
+        """Wait for this lane's next send slot. Raises LostConnection if told to give up."""
+
+    def throttled(self, pause_s: float) -> None:
+        """The provider said 429: no send for `pause_s`."""
+
+    def paused_elsewhere(self) -> None:
+        """Another worker saw a 429 on this lane."""
+
+    async def close(self) -> None:
+        """Stop what runs in the background."""
+
+
+class ProcessBudget:
+    """The lane's limit for this process alone: a leaky bucket (aiolimiter)."""
+
+    def __init__(self, settings: LaneSettings) -> None:
+        capacity = bucket_capacity(settings)
+        self.limiter = AsyncLimiter(capacity, capacity / drain_rate(settings))
+
+    async def acquire(self) -> None:
+        await self.limiter.acquire()
+
+    def throttled(self, pause_s: float) -> None:
+        pass  # the lane holds its own pause
+
+    def paused_elsewhere(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Block:
+    """Slots granted at once: the `used`-th is due at `start + used * spacing` (monotonic)."""
+
+    start: float
+    spacing: float
+    count: int
+    used: int = 0
+    lapsed: int = 0
+
+    def due(self) -> float:
+        return self.start + self.used * self.spacing
+
+    def lapse_before(self, moment: float) -> int:
+        """Skip the slots due before `moment`; returns how many lapsed."""
+        if self.spacing <= 0:
+            return 0
+        first_kept = max(self.used, math.ceil((moment - self.start) / self.spacing))
+        first_kept = min(first_kept, self.count)
+        lapsed, self.used = first_kept - self.used, first_kept
+        self.lapsed += lapsed
+        return lapsed
+
+    @property
+    def left(self) -> int:
+        return self.count - self.used
+
+
+class FleetBudget:
+    """The lane's limit for every worker sharing the database (see the module's docstring)."""
+
+    def __init__(
+        self,
+        provider: str,
+        account: str,
+        settings: LaneSettings,
+        conn: PgConnection,
+        *,
+        need: Callable[[], int],
+        give_up: asyncio.Event,
+    ) -> None:
+        self.provider, self.account = provider, account
+        self.conn = conn
+        self.need = need  # jobs the lane could send right after this one (buffered, slots free)
+        self.give_up = give_up
+        # half the headroom for a late send, half for jitter on the way (see the module's doc)
+        self.tolerance_s = max(settings.rate_headroom / 2, 0.001)
+        self.rate = drain_rate(settings)  # the latest from Postgres, for the size of a block
+        self.blocks: deque[Block] = deque()
+        self.block_cap = self._full_block()  # shrinks while slots lapse, grows while used
+        self.clock = ServerClock()
+        self.lapsed = 0
+        self.taken = 0
+        self._lock = asyncio.Lock()
+        self._taking: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        self._own_pause_at = -math.inf
+        self.log = get_logger(provider=provider, account=account)
+
+    def _full_block(self) -> int:
+        return max(1, math.ceil(self.rate * BLOCK_S))
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                block = self._current(now)
+                if block is None:
+                    await self._take_now()
+                    continue
+                due = block.due()
+                block.used += 1
+                if due > now:
+                    try:
+                        await asyncio.sleep(due - now)
+                    except asyncio.CancelledError:
+                        block.used -= 1  # not spent: a later acquire may use it
+                        raise
+                self._take_ahead()
+                return
+
+    def _current(self, now: float) -> Block | None:
+        """The block holding the next slot still usable, dropping lapsed ones."""
+        while self.blocks:
+            block = self.blocks[0]
+            lapsed = block.lapse_before(now - self.tolerance_s)
+            if lapsed:
+                self.lapsed += lapsed
+                self.block_cap = max(1, self.block_cap // 2)
+            if block.left:
+                return block
+            self.blocks.popleft()
+            if not block.lapsed:  # all of it was used: the next may be bigger
+                self.block_cap = min(self._full_block(), self.block_cap * 2)
+        return None
+
+    def _wanted(self) -> int:
+        return max(1, min(self.block_cap, self.need() + 1, self._full_block()))
+
+    async def _take_now(self) -> None:
+        taking = self._taking or self._start_take()
+        await asyncio.shield(taking)  # a cancelled acquire must not lose a block in flight
+        if not self.blocks and self.give_up.is_set():
+            raise LostConnection(f"no send slot for {self.provider}/{self.account}: stopping")
+
+    def _take_ahead(self) -> None:
+        """Take the next block while half of this one is left (only with work to send)."""
+        if self._taking is not None or self.need() == 0:
+            return
+        if sum(block.left for block in self.blocks) <= self.block_cap // 2:
+            self._start_take()
+
+    def _start_take(self) -> asyncio.Task[None]:
+        self._taking = asyncio.create_task(self._take(self._wanted()))
+        self._taking.add_done_callback(self._taken)
+        return self._taking
+
+    def _taken(self, task: asyncio.Task[None]) -> None:
+        self._taking = None
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("send_slots_not_taken", error=repr(task.exception()))
+
+    async def _take(self, wanted: int) -> None:
+        async def take(conn: asyncpg.Connection) -> tuple[db.Slots, float, float]:
+            sent = time.monotonic()
+            slots = await db.take_slots(
+                conn, provider=self.provider, account=self.account, wanted=wanted
+            )
+            return slots, sent, time.monotonic()
+
+        try:
+            slots, sent, received = await self.conn.run(take, give_up=self.give_up)
+        except LostConnection:
+            return  # stopping while Postgres is away: nothing more is sent
+        self.clock.sample(slots.now_at, sent, received)
+        self.rate = slots.rate_per_s
+        if slots.granted:
+            start = self.clock.local(slots.first_at)
+            self.blocks.append(Block(start, slots.spacing_s, slots.granted))
+            self.taken += slots.granted
+
+    def throttled(self, pause_s: float) -> None:
+        self.blocks.clear()  # slots inside the pause are void
+        self._own_pause_at = time.monotonic()
+        self._spawn(self._tell_fleet(pause_s))
+
+    def paused_elsewhere(self) -> None:
+        if time.monotonic() - self._own_pause_at > 1.0:  # not the echo of our own 429
+            self.blocks.clear()
+
+    async def _tell_fleet(self, pause_s: float) -> None:
+        rate = await self.conn.run(
+            lambda c: db.lane_throttled(
+                c, provider=self.provider, account=self.account, pause_s=pause_s
+            ),
+            give_up=self.give_up,
+        )
+        if rate is not None and rate < self.rate * 0.99:
+            self.log.warning("lane_rate_lowered", rate_per_s=round(rate, 2))
+
+    def _spawn(self, work: object) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(work)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        tasks = [*self._background, *([self._taking] if self._taking else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ServerClock:
+    """Maps the server's clock onto this process's monotonic clock.
+
+    Each grant gives the server's time of the grant; it happened between sending the call and
+    reading its answer, most likely midway. The estimate from the quickest of the recent round
+    trips is kept: it is off by at most half that round trip, while a slow answer (this loop
+    busy, the server busy) would shift a whole block of slots late and bunch them with the
+    next worker's.
+    """
+
+    SAMPLES = 32
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=self.SAMPLES)  # (rtt, offset)
+        self.offset = 0.0  # server time minus monotonic time
+        self.error_s = math.inf
+
+    def sample(self, server_at: float, sent: float, received: float) -> None:
+        rtt = received - sent
+        self.samples.append((rtt, server_at - (sent + rtt / 2)))
+        best_rtt, self.offset = min(self.samples)
+        self.error_s = best_rtt / 2
+
+    def local(self, server_at: float) -> float:
+        return server_at - self.offset
+
+
+class InFlightGate:
+    """A semaphore whose limit can change: the lane's part of its fleet-wide in-flight cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
