@@ -36,6 +36,7 @@ import aiohttp
 import asyncpg
 
 from worker.bench_database import bench_database, enqueue_scenario, postgres_info, queue_scenario
+from worker.bench_fleet import fleet_scenario
 from worker.bench_report import ScenarioResult, table
 from worker.bench_scenarios import (
     FULL,
@@ -68,6 +69,7 @@ SCENARIOS: dict[str, Scenario] = {
     "enqueue": _enqueue,
     "memory": memory_scenario,
     "queue": _queue,
+    "fleet": fleet_scenario,
 }
 
 

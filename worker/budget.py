@@ -182,50 +182,63 @@ class FleetBudget:
                 self.block_cap = min(self._full_block(), self.block_cap * 2)
         return None
 
-    def _wanted(self) -> int:
-        return max(1, min(self.block_cap, self.need() + 1, self._full_block()))
+    def _block_for(self, jobs: int) -> int:
+        return max(1, min(self.block_cap, jobs, self._full_block()))
 
     async def _take_now(self) -> None:
-        taking = self._taking or self._start_take()
+        """No slot left for this job: take a block for it and the jobs ready after it."""
+        taking = self._taking
+        if taking is None:
+            taking = self._start_take(self._block_for(self.need() + 1))
         await asyncio.shield(taking)  # a cancelled acquire must not lose a block in flight
         if not self.blocks and self.give_up.is_set():
             raise LostConnection(f"no send slot for {self.provider}/{self.account}: stopping")
 
     def _take_ahead(self) -> None:
-        """Take the next block while half of this one is left (only with work to send)."""
-        if self._taking is not None or self.need() == 0:
+        """Take the next block while half of this one is left, for the ready jobs that have no
+        slot yet (none taken for jobs that are not there: those slots would go unused)."""
+        if self._taking is not None:
             return
-        if sum(block.left for block in self.blocks) <= self.block_cap // 2:
-            self._start_take()
+        left = sum(block.left for block in self.blocks)
+        uncovered = self.need() - left
+        if uncovered > 0 and left <= self.block_cap // 2:
+            self._start_take(self._block_for(uncovered))
 
-    def _start_take(self) -> asyncio.Task[None]:
-        self._taking = asyncio.create_task(self._take(self._wanted()))
-        self._taking.add_done_callback(self._taken)
+    def _start_take(self, wanted: int) -> asyncio.Task[None]:
+        self._taking = asyncio.create_task(self._take(wanted))
+        self._taking.add_done_callback(self._report)
         return self._taking
 
-    def _taken(self, task: asyncio.Task[None]) -> None:
-        self._taking = None
+    def _report(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("send_slots_not_taken", error=repr(task.exception()))
 
     async def _take(self, wanted: int) -> None:
-        async def take(conn: asyncpg.Connection) -> tuple[db.Slots, float, float]:
-            sent = time.monotonic()
+        async def take(conn: asyncpg.Connection) -> tuple[db.Slots, float]:
             slots = await db.take_slots(
                 conn, provider=self.provider, account=self.account, wanted=wanted
             )
-            return slots, sent, time.monotonic()
+            return slots, time.monotonic()
 
         try:
-            slots, sent, received = await self.conn.run(take, give_up=self.give_up)
+            slots, received = await self.conn.run(take, give_up=self.give_up)
         except LostConnection:
             return  # stopping while Postgres is away: nothing more is sent
-        self.clock.sample(slots.now_at, sent, received)
+        finally:
+            self._taking = None  # here, not in a done callback: a waiter must not see it done
+        self.clock.sample(slots.now_at, received)
         self.rate = slots.rate_per_s
         if slots.granted:
             start = self.clock.local(slots.first_at)
             self.blocks.append(Block(start, slots.spacing_s, slots.granted))
             self.taken += slots.granted
+        self.log.debug(
+            "send_slots_taken",
+            wanted=wanted,
+            granted=slots.granted,
+            first_in_s=round(self.clock.local(slots.first_at) - time.monotonic(), 4),
+            lapsed_so_far=self.lapsed,
+        )
 
     def throttled(self, pause_s: float) -> None:
         self.blocks.clear()  # slots inside the pause are void
@@ -252,6 +265,8 @@ class FleetBudget:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
+        if self.taken:
+            self.log.info("send_slots_used", taken=self.taken, lapsed=self.lapsed)
         tasks = [*self._background, *([self._taking] if self._taking else [])]
         for task in tasks:
             task.cancel()
@@ -259,27 +274,24 @@ class FleetBudget:
 
 
 class ServerClock:
-    """Maps the server's clock onto this process's monotonic clock.
+    """Maps the server's clock onto this process's monotonic clock, erring late, never early.
 
-    Each grant gives the server's time of the grant; it happened between sending the call and
-    reading its answer, most likely midway. The estimate from the quickest of the recent round
-    trips is kept: it is off by at most half that round trip, while a slow answer (this loop
-    busy, the server busy) would shift a whole block of slots late and bunch them with the
-    next worker's.
+    A grant carries the server's time of the grant, which happened before its answer was read
+    here: `server time - time read` is at most the true offset between the clocks, and closest
+    to it for the answer that came back quickest. The largest such value of the recent grants
+    is kept, so a slot is never sent before its time; a slow answer (this loop or the server
+    busy) cannot shift a block of slots early and bunch them with another worker's.
     """
 
     SAMPLES = 32
 
     def __init__(self) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=self.SAMPLES)  # (rtt, offset)
+        self.samples: deque[float] = deque(maxlen=self.SAMPLES)
         self.offset = 0.0  # server time minus monotonic time
-        self.error_s = math.inf
 
-    def sample(self, server_at: float, sent: float, received: float) -> None:
-        rtt = received - sent
-        self.samples.append((rtt, server_at - (sent + rtt / 2)))
-        best_rtt, self.offset = min(self.samples)
-        self.error_s = best_rtt / 2
+    def sample(self, server_at: float, received: float) -> None:
+        self.samples.append(server_at - received)
+        self.offset = max(self.samples)
 
     def local(self, server_at: float) -> float:
         return server_at - self.offset

@@ -517,11 +517,11 @@ class LaneShare:
     rank: int
     member_for_s: float
 
-    def in_flight(self, settle_s: float) -> int:
-        """This worker's part of the lane's in-flight cap. A newcomer takes its part only once
-        the others have had `settle_s` to see it and shrink theirs, so the sum never exceeds
-        the cap."""
-        if self.workers > 1 and self.member_for_s < settle_s:
+    def in_flight(self, settle_s: float, *, serving: bool) -> int:
+        """This worker's part of the lane's in-flight cap. One that is not `serving` yet waits
+        `settle_s` after joining a lane others serve, for them to see it and shrink their
+        parts, so the parts never add up to more than the cap."""
+        if not serving and self.workers > 1 and self.member_for_s < settle_s:
             return 0
         share, extra = divmod(self.max_in_flight, self.workers)
         return share + (1 if self.rank < extra else 0)

@@ -110,7 +110,9 @@ class Lane:
         self.log = get_logger(provider=provider, account=account)
 
     def share_with_fleet(self, conn: PgConnection, give_up: asyncio.Event) -> None:
-        """Take the rate from the lane's budget in Postgres, shared by every worker."""
+        """Take the rate from the lane's budget in Postgres, shared by every worker, and the
+        in-flight cap from this worker's part of it (none until the runner has it)."""
+        self.slots.set_limit(0)
         self.budget = FleetBudget(
             self.provider,
             self.account,

@@ -403,7 +403,8 @@ class Runner:
         settle_s = 1.5 * self.settings.fleet_refresh_s
         for lane in self.lanes:
             share = shares.get((lane.provider, lane.account))
-            limit = share.in_flight(settle_s) if share is not None else 0
+            serving = lane.slots.limit > 0
+            limit = share.in_flight(settle_s, serving=serving) if share is not None else 0
             if limit != lane.slots.limit:
                 lane.slots.set_limit(limit)
                 lane.metrics.set_max_in_flight(limit)

@@ -1,0 +1,150 @@
+"""The `fleet` benchmark scenario: several `linkworker run` processes share each lane's limit.
+
+Three lanes, each held to a strict limit by the simulator (the same as `rate`: 200/s, 50 ms
+latency), served by 3 and then 6 worker processes on one database, and by 3 of which one is
+SIGKILLed a third of the way in. For each fleet: the pace each lane held as a fraction of its
+limit (target at least 0.95), the 429s (target 0) and the busiest one-second window the
+simulator counted (target at most the limit). Per-process limiters would multiply the rate by
+the number of replicas; here the lanes' budgets are in Postgres, shared by the fleet. The pace
+is read from 10% to 80% of a lane's requests: the killed worker's claimed jobs wait out its
+lease (6 s here) at the end, which is recovery, not pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+
+from worker.bench_database import empty_queue, load_jobs
+from worker.bench_processes import (
+    LANES,
+    Child,
+    Sample,
+    StatsPoller,
+    fetch_stats,
+    lane_labels,
+    simulator_process,
+    start_worker,
+    write_worker_config,
+)
+from worker.bench_report import BenchError, Figure, ScenarioResult, Target
+from worker.bench_scenarios import RATE_IN_FLIGHT, RATE_LATENCY_MS, SAMPLE_S, Bench, with_connection
+
+FLEETS = (("3 workers", 3, False), ("6 workers", 6, False), ("3 workers, 1 killed", 3, True))
+KILL_AFTER = 1 / 3  # of the requests, when one worker of a fleet is SIGKILLed
+# The pace is read between these fractions of a lane's requests: past every worker's start-up,
+# and before the tail in which the killed worker's claimed jobs wait for their lease to run out.
+PACE_FROM, PACE_TO = 0.1, 0.8
+WORKER_KEYS = {"lease_s": 6, "fleet_refresh_s": 1.0}
+
+
+async def fleet_scenario(bench: Bench) -> ScenarioResult:
+    limit = bench.sizes.rate_limit_per_s
+    per_lane = round(limit * bench.sizes.rate_seconds)
+    workdir = bench.directory("fleet")
+    result = ScenarioResult("fleet")
+    result.details = {"limit_per_s": limit, "jobs_per_lane": per_lane, "latency_ms": 50}
+    jobs = per_lane * len(LANES)
+    timeout_s = 120 + 4 * bench.sizes.rate_seconds
+    simulator = simulator_process(workdir, latency_ms=RATE_LATENCY_MS, rate_per_s=limit)
+    async with simulator as url, aiohttp.ClientSession() as session:
+        for name, size, kill in FLEETS:
+            await with_connection(bench.database_url, empty_queue)
+            await _reset(session, url)
+            await with_connection(bench.database_url, lambda conn: load_jobs(conn, jobs, LANES))
+            async with (
+                StatsPoller(session, url, SAMPLE_S) as poller,
+                _fleet(bench, workdir, url, name, size) as workers,
+            ):
+                if kill:
+                    await _kill_one_after(poller, workers, round(jobs * KILL_AFTER))
+                for worker in workers[1:] if kill else workers:
+                    worker.check(await worker.wait(timeout_s))
+            stats = await fetch_stats(session, url)
+            _add_figures(result, name, limit, poller, stats)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _fleet(
+    bench: Bench, workdir: Path, url: str, name: str, size: int
+) -> AsyncIterator[list[Child]]:
+    """`size` workers draining the queue, each with its own id; killed if still running."""
+    label = name.replace(" ", "_").replace(",", "")
+    workers: list[Child] = []
+    try:
+        for index in range(size):
+            config = write_worker_config(
+                workdir / f"{label}_{index}.toml",
+                database_url=bench.database_url,
+                base_url=url,
+                rate_per_s=bench.sizes.rate_limit_per_s,
+                max_in_flight=RATE_IN_FLIGHT,
+                worker_id=f"bench-{label}-{index}",
+                **WORKER_KEYS,
+            )
+            workers.append(start_worker(config, workdir, drain=True, name=f"{label}_{index}"))
+        yield workers
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def _kill_one_after(poller: StatsPoller, workers: list[Child], requests: int) -> None:
+    labels = list(lane_labels().values())
+    base = poller.samples[0].count(labels)
+    deadline = asyncio.get_running_loop().time() + 120
+    while poller.samples[-1].count(labels) - base < requests:
+        if asyncio.get_running_loop().time() > deadline:
+            raise BenchError(f"the fleet did not reach {requests} requests within 120 s")
+        await asyncio.sleep(SAMPLE_S)
+    await workers[0].close()  # SIGKILL: its leases run out and the others rescue its jobs
+
+
+async def _reset(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(url + "/__reset") as response:
+        response.raise_for_status()
+
+
+def pace(samples: Sequence[Sample], label: str) -> float:
+    """Requests/s of one account between PACE_FROM and PACE_TO of its requests (sampled)."""
+    counts = [sample.count([label]) for sample in samples]
+    base, final = counts[0], counts[-1]
+    if final <= base:
+        raise BenchError(f"the simulator saw no request from {label}")
+    low = base + PACE_FROM * (final - base)
+    high = base + PACE_TO * (final - base)
+    first = next(i for i, count in enumerate(counts) if count >= low)
+    last = next(i for i, count in enumerate(counts) if count >= high)
+    if last <= first:
+        raise BenchError(f"too few samples to read the pace of {label}")
+    return (counts[last] - counts[first]) / (samples[last].at_s - samples[first].at_s)
+
+
+def _add_figures(
+    result: ScenarioResult,
+    name: str,
+    limit: float,
+    poller: StatsPoller,
+    stats: dict[str, object],
+) -> None:
+    accounts = stats["accounts"]
+    assert isinstance(accounts, dict)
+    paces, windows, throttled = [], [], 0
+    for label in lane_labels().values():
+        paces.append(pace(poller.samples, label))
+        windows.append(accounts[label]["max_per_window"])
+        throttled += accounts[label]["throttled"]
+    slowest = min(paces)
+    result.add(
+        Figure(f"{name}: slowest lane", slowest, "req/s", limit, Target(">=", 0.95, "ratio"))
+    )
+    result.add(Figure(f"{name}: 429s", throttled, "429s", None, Target("<=", 0)))
+    result.add(
+        Figure(f"{name}: busiest 1 s", max(windows), "req", limit, Target("<=", 1.0, "ratio"))
+    )
+    result.details[name] = {"paces_per_s": paces, "busiest_windows": windows}
