@@ -8,6 +8,7 @@ pauses all, an adaptive lane finds an unknown limit, and fair claims.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tests.conftest import (
     write_config,
 )
 from worker import db
+from worker.bench_processes import simulator_process
 from worker.samples import mixed_jobs
 from worker.simulator import SimulatorConfig, start_simulator
 
@@ -74,12 +76,13 @@ async def run_fleet(
     kill_one_after: int | None = None,
 ) -> tuple[dict[str, Any], list[WorkerProcess]]:
     await insert_kushki_jobs(conn, jobs, seed=replicas)
-    simulator = await start_simulator(SimulatorConfig(rate_per_s=LIMIT, latency_ms=20, seed=5))
-    try:
+    # the simulator in its own process: arrivals are stamped by a loop that does nothing else
+    simulator = simulator_process(tmp_path, latency_ms=20, rate_per_s=LIMIT)
+    async with simulator as url:
         config = write_config(
             tmp_path / "lw.toml",
             database_url,
-            simulator.url,
+            url,
             lanes={"rate_per_s": LIMIT, "max_in_flight": 20, "rate_headroom": HEADROOM},
             **FAST,
         )
@@ -87,17 +90,27 @@ async def run_fleet(
         fleet = [await WorkerProcess.start(*args, env=cli_env()) for _ in range(replicas)]
         try:
             if kill_one_after is not None:
-                await wait_until(lambda: simulator.state.created >= kill_one_after, 60)
+                await wait_for_created(url, kill_one_after)
                 await fleet[0].kill()
             codes = [await worker.finish(timeout_s=120) for worker in fleet[1:]]
         finally:
-            for worker in fleet:
+            for index, worker in enumerate(fleet):
                 await worker.kill()
+                (tmp_path / f"worker-{index}.log").write_text("".join(worker.lines))
         assert codes == [0] * (replicas - 1), [w.lines[-5:] for w in fleet]
-        stats = simulator.state.stats()
-    finally:
-        await simulator.close()
+        stats = await fetch_json(url + "/__stats")
     return stats, fleet
+
+
+async def wait_for_created(url: str, count: int) -> None:
+    """Wait until the simulator (another process) has created `count` links."""
+
+    async def watch() -> None:
+        # its counters offer no event to wait on: read them over HTTP, twenty times a second
+        while (await fetch_json(url + "/__stats"))["created"] < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(watch(), 60)
 
 
 def slot_use(fleet: list[WorkerProcess]) -> str:

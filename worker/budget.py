@@ -16,6 +16,11 @@ never leaves a gap.
 A 429 pauses the lane for every worker: the pause is written to the lane's row (no slot is
 granted before its end) and NOTIFYed, and each worker drops the slots it held.
 
+While its connection to Postgres is lost, a worker goes on sending the jobs it holds, paced on
+its own at the lane's rate divided by the workers it last saw on the lane (all of them are cut
+off in an outage), and goes back to shared slots at the first grant. A slow grant is waited
+for: pacing alone while the others are not would add this worker's part to theirs.
+
 `rate_limit_scope = "process"`: an aiolimiter bucket in this process, no round trip; each
 replica must then be given its share of the provider's limit.
 """
@@ -39,6 +44,7 @@ from worker.logs import get_logger
 from worker.settings import LaneSettings
 
 BLOCK_S = 0.1  # seconds of a lane's rate one block of slots covers, at most
+FALLBACK_AFTER_S = 1.0  # how often a worker waiting for a grant checks its connection
 SLACK = 0.5  # requests of slack in the bucket on top of `burst` (see lanes.py)
 
 
@@ -62,6 +68,9 @@ class Budget(Protocol):
     def paused_elsewhere(self) -> None:
         """Another worker saw a 429 on this lane."""
 
+    def set_fleet_size(self, workers: int) -> None:
+        """How many workers serve the lane, as last seen."""
+
     async def close(self) -> None:
         """Stop what runs in the background."""
 
@@ -80,6 +89,9 @@ class ProcessBudget:
         pass  # the lane holds its own pause
 
     def paused_elsewhere(self) -> None:
+        pass
+
+    def set_fleet_size(self, workers: int) -> None:
         pass
 
     async def close(self) -> None:
@@ -137,6 +149,9 @@ class FleetBudget:
         self.blocks: deque[Block] = deque()
         self.block_cap = self._full_block()  # shrinks while slots lapse, grows while used
         self.clock = ServerClock()
+        self.fleet_size = 1  # workers serving the lane, as last seen (for pacing alone)
+        self.local_since: float | None = None  # pacing alone since (Postgres away)
+        self.local_next = 0.0
         self.lapsed = 0
         self.taken = 0
         self._lock = asyncio.Lock()
@@ -164,6 +179,10 @@ class FleetBudget:
                     except asyncio.CancelledError:
                         block.used -= 1  # not spent: a later acquire may use it
                         raise
+                    if time.monotonic() - due > self.tolerance_s:  # woke too late to use it
+                        block.lapsed += 1
+                        self.lapsed += 1
+                        continue
                 self._take_ahead()
                 return
 
@@ -186,13 +205,44 @@ class FleetBudget:
         return max(1, min(self.block_cap, jobs, self._full_block()))
 
     async def _take_now(self) -> None:
-        """No slot left for this job: take a block for it and the jobs ready after it."""
+        """No slot left for this job: take a block for it and the jobs ready after it. While
+        the budget's connection is lost (not merely slow), pace this worker on its own."""
         taking = self._taking
         if taking is None:
             taking = self._start_take(self._block_for(self.need() + 1))
-        await asyncio.shield(taking)  # a cancelled acquire must not lose a block in flight
-        if not self.blocks and self.give_up.is_set():
-            raise LostConnection(f"no send slot for {self.provider}/{self.account}: stopping")
+        while self.local_since is None:
+            # not cancelled with this acquire: a block in flight must not be lost
+            done, _ = await asyncio.wait({taking}, timeout=FALLBACK_AFTER_S)
+            if done:
+                if not self.blocks and self.give_up.is_set():
+                    raise LostConnection(f"no send slot for {self.provider}/{self.account}")
+                return
+            if not self.conn.healthy:
+                break
+        if self.give_up.is_set():
+            raise LostConnection(f"Postgres away: no send slot for {self.provider}/{self.account}")
+        self._pace_alone()
+
+    def _pace_alone(self) -> None:
+        """A block of slots paced here, at this worker's share of the lane's rate (the rate
+        over the number of workers last seen), while Postgres cannot grant any."""
+        now = time.monotonic()
+        if self.local_since is None:
+            self.local_since = now
+            self.log.warning(
+                "send_slots_paced_locally",
+                reason="the connection to postgres is lost",
+                rate_per_s=round(self.rate / self.fleet_size, 2),
+                workers=self.fleet_size,
+            )
+        count = self._block_for(self.need() + 1)
+        spacing = self.fleet_size / self.rate
+        start = max(self.local_next, now)
+        self.blocks.append(Block(start, spacing, count))
+        self.local_next = start + count * spacing
+
+    def set_fleet_size(self, workers: int) -> None:
+        self.fleet_size = max(1, workers)
 
     def _take_ahead(self) -> None:
         """Take the next block while half of this one is left, for the ready jobs that have no
@@ -228,6 +278,10 @@ class FleetBudget:
             self._taking = None  # here, not in a done callback: a waiter must not see it done
         self.clock.sample(slots.now_at, received)
         self.rate = slots.rate_per_s
+        if self.local_since is not None:
+            away_s = round(time.monotonic() - self.local_since, 1)
+            self.local_since = None
+            self.log.info("send_slots_shared_again", paced_locally_s=away_s)
         if slots.granted:
             start = self.clock.local(slots.first_at)
             self.blocks.append(Block(start, slots.spacing_s, slots.granted))
@@ -237,6 +291,8 @@ class FleetBudget:
             wanted=wanted,
             granted=slots.granted,
             first_in_s=round(self.clock.local(slots.first_at) - time.monotonic(), 4),
+            first_at=slots.first_at,
+            spacing_s=slots.spacing_s,
             lapsed_so_far=self.lapsed,
         )
 

@@ -403,6 +403,7 @@ class Runner:
         settle_s = 1.5 * self.settings.fleet_refresh_s
         for lane in self.lanes:
             share = shares.get((lane.provider, lane.account))
+            lane.budget.set_fleet_size(share.workers if share is not None else 1)
             serving = lane.slots.limit > 0
             limit = share.in_flight(settle_s, serving=serving) if share is not None else 0
             if limit != lane.slots.limit:
