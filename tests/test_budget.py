@@ -13,6 +13,7 @@ import pytest
 from worker import db
 from worker.budget import FleetBudget, InFlightGate, drain_rate
 from worker.connection import PgConnection
+from worker.metrics import LaneMetrics, Metrics
 from worker.settings import CheqpayAccount
 
 LIMIT = 50.0
@@ -44,8 +45,15 @@ async def connections(database_url: str) -> AsyncIterator[list[PgConnection]]:
         await conn.close()
 
 
-def budget(conn: PgConnection, settings: CheqpayAccount, stop: asyncio.Event) -> FleetBudget:
-    return FleetBudget("cheqpay", "default", settings, conn, need=lambda: 1_000, give_up=stop)
+def budget(
+    conn: PgConnection,
+    settings: CheqpayAccount,
+    stop: asyncio.Event,
+    metrics: LaneMetrics | None = None,
+) -> FleetBudget:
+    return FleetBudget(
+        "cheqpay", "default", settings, conn, need=lambda: 1_000, give_up=stop, metrics=metrics
+    )
 
 
 def busiest_window(times: list[float]) -> int:
@@ -64,7 +72,11 @@ async def test_budgets_sharing_a_lane_send_at_its_rate_together(
     settings = lane_settings()
     await configure(conn, settings)
     stop = asyncio.Event()
-    budgets = [budget(c, settings, stop) for c in connections]
+    metrics = Metrics(process_metrics=False)
+    budgets = [
+        budget(c, settings, stop, metrics.lane("cheqpay", f"w{n}"))
+        for n, c in enumerate(connections)
+    ]
     sends: list[float] = []
     deadline = time.monotonic() + 2.0
 
@@ -80,6 +92,11 @@ async def test_budgets_sharing_a_lane_send_at_its_rate_together(
     assert busiest_window(sends) <= LIMIT
     assert len(sends) >= 0.9 * drain_rate(settings) * 2.0
     assert all(lane.taken > 0 for lane in budgets)  # each of them sent some
+    granted = metrics.registry.get_sample_value(
+        "linkworker_lane_send_slots_total",
+        {"provider": "cheqpay", "account": "w0", "outcome": "granted"},
+    )
+    assert granted == budgets[0].taken
 
 
 async def test_a_pause_written_by_one_budget_holds_the_others(

@@ -41,6 +41,7 @@ from aiolimiter import AsyncLimiter
 from worker import db
 from worker.connection import LostConnection, PgConnection
 from worker.logs import get_logger
+from worker.metrics import LaneMetrics
 from worker.settings import LaneSettings
 
 BLOCK_S = 0.1  # seconds of a lane's rate one block of slots covers, at most
@@ -138,14 +139,17 @@ class FleetBudget:
         *,
         need: Callable[[], int],
         give_up: asyncio.Event,
+        metrics: LaneMetrics | None = None,
     ) -> None:
         self.provider, self.account = provider, account
         self.conn = conn
         self.need = need  # jobs the lane could send right after this one (buffered, slots free)
+        self.metrics = metrics
         self.give_up = give_up
         # half the headroom for a late send, half for jitter on the way (see the module's doc)
         self.tolerance_s = max(settings.rate_headroom / 2, 0.001)
-        self.rate = drain_rate(settings)  # the latest from Postgres, for the size of a block
+        self.settings = settings
+        self.rate = settings.rate_per_s  # the lane's rate as Postgres last said (adaptive: lower)
         self.blocks: deque[Block] = deque()
         self.block_cap = self._full_block()  # shrinks while slots lapse, grows while used
         self.clock = ServerClock()
@@ -181,7 +185,7 @@ class FleetBudget:
                         raise
                     if time.monotonic() - due > self.tolerance_s:  # woke too late to use it
                         block.lapsed += 1
-                        self.lapsed += 1
+                        self._lapsed(1)
                         continue
                 self._take_ahead()
                 return
@@ -192,14 +196,19 @@ class FleetBudget:
             block = self.blocks[0]
             lapsed = block.lapse_before(now - self.tolerance_s)
             if lapsed:
-                self.lapsed += lapsed
-                self.block_cap = max(1, self.block_cap // 2)
+                self._lapsed(lapsed)
             if block.left:
                 return block
             self.blocks.popleft()
             if not block.lapsed:  # all of it was used: the next may be bigger
                 self.block_cap = min(self._full_block(), self.block_cap * 2)
         return None
+
+    def _lapsed(self, slots: int) -> None:
+        self.lapsed += slots
+        self.block_cap = max(1, self.block_cap // 2)
+        if self.metrics is not None:
+            self.metrics.send_slots(lapsed=slots)
 
     def _block_for(self, jobs: int) -> int:
         return max(1, min(self.block_cap, jobs, self._full_block()))
@@ -236,7 +245,10 @@ class FleetBudget:
                 workers=self.fleet_size,
             )
         count = self._block_for(self.need() + 1)
-        spacing = self.fleet_size / self.rate
+        shaped = max(self.rate - (self.settings.burst - 0.5), 0.01) / (
+            1 + self.settings.rate_headroom
+        )
+        spacing = self.fleet_size / shaped
         start = max(self.local_next, now)
         self.blocks.append(Block(start, spacing, count))
         self.local_next = start + count * spacing
@@ -277,6 +289,10 @@ class FleetBudget:
         finally:
             self._taking = None  # here, not in a done callback: a waiter must not see it done
         self.clock.sample(slots.now_at, received)
+        if self.metrics is not None:
+            self.metrics.send_slots(granted=slots.granted)
+            if slots.rate_per_s != self.rate:
+                self.metrics.set_rate_now(slots.rate_per_s)
         self.rate = slots.rate_per_s
         if self.local_since is not None:
             away_s = round(time.monotonic() - self.local_since, 1)

@@ -120,6 +120,7 @@ class Lane:
             conn,
             need=lambda: min(len(self.buffer), self.slots.free),
             give_up=give_up,
+            metrics=self.metrics,
         )
 
     @property

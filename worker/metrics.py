@@ -15,6 +15,9 @@ path is a dict lookup and an add, and `increase()` sees a lane's very first fail
       linkworker_credentials_rejected_total             401/403 answers
       linkworker_lane_in_flight, linkworker_lane_max_in_flight
       linkworker_lane_rate_limit_requests_per_second    the provider's limit as configured
+      linkworker_lane_rate_requests_per_second          the fleet's current rate (adaptive lanes
+                                                        lower it on 429s)
+      linkworker_lane_send_slots_total{outcome}         fleet budget slots granted | lapsed
       linkworker_lane_breaker_state{state}              1 for the current state, 0 for the others
     per worker
       linkworker_leases_rescued_total                   expired leases returned to the queue
@@ -63,6 +66,7 @@ BreakerState = Literal["closed", "open", "half_open"]
 JOB_OUTCOMES: tuple[JobOutcome, ...] = ("succeeded", "failed", "retried")
 STATUS_CLASSES: tuple[StatusClass, ...] = ("2xx", "3xx", "4xx", "5xx", "transport")
 BREAKER_STATES: tuple[BreakerState, ...] = ("closed", "open", "half_open")
+SLOT_OUTCOMES = ("granted", "lapsed")
 QUEUE_STATES = ("pending", "scheduled", "running")
 
 # The exposition format generate_latest writes. prometheus-client >= 0.22 names a newer format
@@ -122,7 +126,9 @@ class _LaneFamilies:
     in_flight: Gauge
     max_in_flight: Gauge
     rate_limit: Gauge
+    rate_now: Gauge
     breaker: Gauge
+    send_slots: Counter
 
     @classmethod
     def register(cls, registry: CollectorRegistry) -> _LaneFamilies:
@@ -165,6 +171,13 @@ class _LaneFamilies:
                 lane,
                 registry=registry,
             ),
+            send_slots=Counter(
+                "linkworker_lane_send_slots_total",
+                "Send slots taken from the lane's fleet-wide budget (granted), and those this "
+                "worker could not use in time (lapsed).",
+                [*lane, "outcome"],
+                registry=registry,
+            ),
             **cls._gauges(registry),
         )
 
@@ -177,13 +190,20 @@ class _LaneFamilies:
             ),
             "max_in_flight": Gauge(
                 "linkworker_lane_max_in_flight",
-                "The lane's in-flight cap (max_in_flight).",
+                "This worker's part of the lane's in-flight cap (max_in_flight, for the fleet).",
                 lane,
                 registry=registry,
             ),
             "rate_limit": Gauge(
                 "linkworker_lane_rate_limit_requests_per_second",
                 "The provider's limit the lane keeps to (rate_per_s), in any one-second window.",
+                lane,
+                registry=registry,
+            ),
+            "rate_now": Gauge(
+                "linkworker_lane_rate_requests_per_second",
+                "The lane's current rate for the fleet: rate_per_s, or lower after 429s when "
+                "adaptive.",
                 lane,
                 registry=registry,
             ),
@@ -272,7 +292,9 @@ class LaneMetrics:
         "_jobs",
         "_max_in_flight",
         "_rate_limit",
+        "_rate_now",
         "_retry_after_seconds",
+        "_send_slots",
         "_throttled",
         "_unknown",
     )
@@ -290,6 +312,10 @@ class LaneMetrics:
         self._in_flight = families.in_flight.labels(*lane)
         self._max_in_flight = families.max_in_flight.labels(*lane)
         self._rate_limit = families.rate_limit.labels(*lane)
+        self._rate_now = families.rate_now.labels(*lane)
+        self._send_slots = {
+            outcome: families.send_slots.labels(*lane, outcome) for outcome in SLOT_OUTCOMES
+        }
         self._breaker = {state: families.breaker.labels(*lane, state) for state in BREAKER_STATES}
         self.set_breaker_state("closed")
 
@@ -321,6 +347,16 @@ class LaneMetrics:
 
     def set_rate_limit(self, per_s: float) -> None:
         self._rate_limit.set(per_s)
+        self._rate_now.set(per_s)
+
+    def set_rate_now(self, per_s: float) -> None:
+        self._rate_now.set(per_s)
+
+    def send_slots(self, granted: int = 0, lapsed: int = 0) -> None:
+        if granted:
+            self._send_slots["granted"].inc(granted)
+        if lapsed:
+            self._send_slots["lapsed"].inc(lapsed)
 
     def set_breaker_state(self, state: BreakerState | str) -> None:
         """closed, open or half_open (worker.breaker's states); ValueError for anything else."""
