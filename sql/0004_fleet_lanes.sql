@@ -38,16 +38,27 @@ CREATE TABLE linkworker_lane_workers (
     account    text        NOT NULL,
     worker_id  text        NOT NULL,
     joined_at  timestamptz NOT NULL DEFAULT now(),
-    seen_at    timestamptz NOT NULL DEFAULT now(),
+    -- alive until then, unless it says so again (every fleet_refresh_s, for 3 of them)
+    alive_until timestamptz NOT NULL,
     PRIMARY KEY (provider, account, worker_id)
 );
 
--- The spacing of a lane's slots: a leaky bucket of capacity burst + 1/2 draining at this rate
--- lets no one-second window hold more than the rate, with the headroom kept for jitter.
+-- How many slots a lane may send at once after an idle spell (its burst, and the half slot
+-- that lets a late send be made up), never more than half its rate: credit + rate x 1 s stays
+-- under the limit in any one-second window.
+CREATE FUNCTION linkworker_lane_credit(rate double precision, burst integer)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(burst - 0.5, rate / 2)
+$$;
+
+-- The spacing of a lane's slots: draining at (rate - credit) / (1 + headroom), a bucket of
+-- capacity credit + 1 lets no one-second window hold more than the rate, with the headroom kept
+-- for jitter (worker.budget.drain_rate is the same formula).
 CREATE FUNCTION linkworker_lane_spacing(rate double precision, burst integer, headroom double precision)
 RETURNS double precision
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT (1 + headroom) / greatest(rate - (burst - 0.5), 0.01)
+    SELECT (1 + headroom) / (rate - linkworker_lane_credit(rate, burst))
 $$;
 
 -- Take `wanted` send slots of a lane. The first is due at `first_at`, the others every
@@ -81,7 +92,9 @@ BEGIN
                     HINT = 'a worker configured for the lane writes it when it starts';
     END IF;
     at := clock_timestamp();  -- after the row lock: a wait for it must not date the slots
-    rate := lane.current_per_s;
+    -- not adaptive: the limit as it is now (an operator may have just lowered it)
+    rate := CASE WHEN lane.adaptive THEN least(lane.current_per_s, lane.rate_per_s)
+                 ELSE lane.rate_per_s END;
     learned := lane.learned_per_s;
     IF lane.adaptive AND at > lane.paused_until + interval '1 second' THEN
         IF learned IS NOT NULL AND at > lane.throttled_at + interval '60 seconds' THEN
@@ -99,11 +112,12 @@ BEGIN
                          ELSE 0.005 * learned END * quiet_s;
             rate := least(0.97 * learned, lane.rate_per_s, rate + step);
         END IF;
-        rate := greatest(rate, lane.current_per_s);
+        rate := least(greatest(rate, lane.current_per_s), lane.rate_per_s);
     END IF;
     spacing_s := linkworker_lane_spacing(rate, lane.burst, lane.rate_headroom);
     start_at := greatest(lane.next_slot_at,
-                         at - make_interval(secs => (lane.burst - 0.5) * spacing_s),
+                         at - make_interval(secs => linkworker_lane_credit(rate, lane.burst)
+                                                    * spacing_s),
                          lane.paused_until);
     granted := greatest(p_wanted, 0);
     UPDATE linkworker_lanes AS l
@@ -139,11 +153,14 @@ BEGIN
     END IF;
     at := clock_timestamp();
     rate := lane.current_per_s;
-    IF lane.adaptive AND at >= lane.paused_until THEN
+    -- once per pause, and once a second at most (a Retry-After of 0 makes no pause)
+    IF lane.adaptive AND at >= lane.paused_until
+       AND at >= coalesce(lane.throttled_at, '-infinity') + interval '1 second' THEN
         rate := greatest(rate * 0.75, 0.01 * lane.rate_per_s);
     END IF;
     UPDATE linkworker_lanes AS l
-       SET paused_until = greatest(l.paused_until, at + make_interval(secs => greatest(p_pause_s, 0))),
+       SET paused_until = greatest(l.paused_until,
+                                   at + make_interval(secs => least(greatest(p_pause_s, 0), 3600))),
            throttled_at = at,
            throttles = l.throttles + 1,
            learned_per_s = CASE WHEN rate <> lane.current_per_s THEN lane.current_per_s

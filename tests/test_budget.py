@@ -160,7 +160,7 @@ async def test_in_flight_parts_add_up_to_the_cap_and_a_newcomer_waits(
     # a worker not seen for the time to live is gone
     await db.lane_shares(conn, worker_id="dead", lanes=lanes, ttl_s=6)
     await conn.execute(
-        "UPDATE linkworker_lane_workers SET seen_at = now() - interval '7 s'"
+        "UPDATE linkworker_lane_workers SET alive_until = now() - interval '1 s'"
         " WHERE worker_id = 'dead'"
     )
     old = await db.lane_shares(conn, worker_id="old", lanes=lanes, ttl_s=6)
@@ -183,3 +183,69 @@ async def test_the_gate_follows_a_changed_limit() -> None:
     gate.release()
     await third
     assert gate.used == 1
+
+
+async def test_a_limit_lowered_in_the_table_holds_at_the_next_block(
+    conn: asyncpg.Connection,
+) -> None:
+    await configure(conn, lane_settings())
+    args = ("cheqpay", "default")
+    first = await conn.fetchrow("SELECT * FROM linkworker_take_slots($1, $2, 1)", *args)
+    assert first["rate_per_s"] == LIMIT
+    await conn.execute("UPDATE linkworker_lanes SET rate_per_s = 10")  # an operator's change
+    second = await conn.fetchrow("SELECT * FROM linkworker_take_slots($1, $2, 1)", *args)
+    assert second["rate_per_s"] == 10
+    assert second["spacing_s"] == pytest.approx(1.01 / 9.5)
+
+
+async def test_an_adaptive_lane_cut_again_and_again_never_stalls(conn: asyncpg.Connection) -> None:
+    await configure(conn, lane_settings(rate_per_s=20.0, burst=10, adaptive=True))
+    args = ("cheqpay", "default")
+    for _ in range(12):  # a 429 a second, twelve times: 20/s cut to 20 x 0.75^12 = 0.63/s
+        await conn.execute(
+            "UPDATE linkworker_lanes SET throttled_at = now() - interval '2 s',"
+            " paused_until = now() - interval '1 s'"
+        )
+        await conn.fetchval("SELECT linkworker_lane_throttled($1, $2, 0)", *args)
+    await conn.execute("UPDATE linkworker_lanes SET paused_until = '-infinity'")
+    slots = await conn.fetchrow("SELECT * FROM linkworker_take_slots($1, $2, 3)", *args)
+    # a burst of 10 at a rate under 1/s: the credit is cut to half the rate, the spacing finite
+    rate = 20 * 0.75**12
+    assert slots["rate_per_s"] == pytest.approx(rate, rel=0.01)
+    assert slots["spacing_s"] == pytest.approx(1.01 / (rate / 2), rel=0.01)
+
+
+async def test_a_burst_after_an_idle_spell_goes_at_once(
+    conn: asyncpg.Connection, connections: list[PgConnection]
+) -> None:
+    settings = lane_settings(burst=5)
+    await configure(conn, settings)
+    stop = asyncio.Event()
+    lane = budget(connections[0], settings, stop)
+    asked = time.monotonic()
+    for _ in range(5):
+        await lane.acquire()
+    # 4.5 slots of credit: the fifth waits at most one spacing (21 ms at 50/s)
+    assert time.monotonic() - asked < 0.5
+    assert lane.lapsed == 0  # the credit slots, dated before the grant, were not lapsed
+    await lane.close()
+
+
+async def test_a_pause_voids_the_slot_a_sender_is_waiting_for(
+    conn: asyncpg.Connection, connections: list[PgConnection]
+) -> None:
+    settings = lane_settings(rate_per_s=2.0)  # slots half a second apart
+    await configure(conn, settings)
+    stop = asyncio.Event()
+    first, second = budget(connections[0], settings, stop), budget(connections[1], settings, stop)
+    await second.acquire()  # the lane's credit
+    waiting = asyncio.ensure_future(second.acquire())  # sleeps towards its next slot
+    await asyncio.sleep(0.05)
+    first.throttled(1.0)
+    await asyncio.gather(*first._background)
+    paused_at = time.monotonic()
+    second.paused_elsewhere()
+    await waiting
+    assert time.monotonic() - paused_at >= 0.9  # it went only after the pause
+    await first.close()
+    await second.close()

@@ -322,3 +322,21 @@ async def test_status_shows_the_fleet_limits(
     assert lane["lane"] == "kushki/default"
     assert (lane["rate_per_s"], lane["burst"], lane["max_in_flight"]) == (40, 2, 8)
     assert lane["workers"] == 0 and lane["throttles"] == 0
+
+
+async def test_a_round_that_ends_on_the_last_batch_starts_again_at_once(
+    conn: asyncpg.Connection,
+) -> None:
+    for n in range(db.CLAIM_BATCHES):
+        await insert_batch(conn, f"b{n:02}", 3)
+    cursor = db.BatchCursor()
+    assert len(await claim(conn, db.CLAIM_BATCHES, cursor)) == db.CLAIM_BATCHES
+    assert len(await claim(conn, db.CLAIM_BATCHES, cursor)) == db.CLAIM_BATCHES  # not empty
+
+
+async def test_batches_with_nothing_due_take_no_place_in_a_round(conn: asyncpg.Connection) -> None:
+    for n in range(40):
+        await insert_batch(conn, f"later-{n:02}", 2)
+    await conn.execute("UPDATE link_jobs SET run_at = now() + interval '1 hour'")
+    await insert_batch(conn, "zz-due", 2)
+    assert await claim(conn, 10, db.BatchCursor()) == ["zz-due", "zz-due"]

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import aiohttp
 import pytest
 
-from worker.budget import drain_rate
+from worker.budget import bucket_capacity, drain_rate
 from worker.db import Outcome
 from worker.jobs import Job, LinkCreated, ProviderRequest
 from worker.lanes import Lane
@@ -71,7 +71,13 @@ async def test_a_crashing_adapter_fails_its_job_and_the_lane_goes_on() -> None:
 
 @pytest.mark.parametrize(
     ("limit", "burst", "headroom", "expected"),
-    [(200, 1, 0.01, 199.5 / 1.01), (200, 5, 0.0, 195.5), (20, 1, 0.01, 19.5 / 1.01)],
+    [
+        (200, 1, 0.01, 199.5 / 1.01),
+        (200, 5, 0.0, 195.5),
+        (20, 1, 0.01, 19.5 / 1.01),
+        (4, 10, 0.0, 2.0),  # a burst past half the rate is cut to half the rate
+        (0.5, 1, 0.0, 0.25),  # under one a second: never stalls
+    ],
 )
 def test_drain_rate_keeps_every_one_second_window_under_the_limit(
     limit: float, burst: int, headroom: float, expected: float
@@ -81,5 +87,5 @@ def test_drain_rate_keeps_every_one_second_window_under_the_limit(
     )
     rate = drain_rate(settings)
     assert rate == pytest.approx(expected)
-    # capacity (burst + 0.5) - 1 + rate: the most a one-second window can hold
-    assert burst + 0.5 - 1 + rate <= limit
+    # capacity - 1 + rate: the most a one-second window can hold
+    assert bucket_capacity(settings) - 1 + rate <= limit

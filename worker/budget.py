@@ -46,17 +46,24 @@ from worker.settings import LaneSettings
 
 BLOCK_S = 0.1  # seconds of a lane's rate one block of slots covers, at most
 FALLBACK_AFTER_S = 1.0  # how often a worker waiting for a grant checks its connection
-SLACK = 0.5  # requests of slack in the bucket on top of `burst` (see lanes.py)
+SQL_ERROR_BACKOFF_S = 1.0  # after a grant failed with an SQL error (not a lost connection)
+SLACK = 0.5  # requests of slack in the bucket on top of `burst`: a late send is made up
+
+
+def burst_credit(settings: LaneSettings) -> float:
+    """Slots a lane may send at once after an idle spell: its burst and the slack, never more
+    than half its rate (so that credit + one second's drain stays under the limit)."""
+    return min(settings.burst - 1 + SLACK, settings.rate_per_s / 2)
 
 
 def bucket_capacity(settings: LaneSettings) -> float:
-    return settings.burst + SLACK
+    return burst_credit(settings) + 1
 
 
 def drain_rate(settings: LaneSettings) -> float:
-    """Requests per second the lane's bucket lets out, so no one-second window exceeds the limit."""
-    allowed = settings.rate_per_s - (bucket_capacity(settings) - 1)
-    return max(allowed, 0.01) / (1 + settings.rate_headroom)
+    """Requests per second the lane's bucket lets out, so no one-second window exceeds the limit
+    (the same formula as linkworker_lane_spacing in sql/0004)."""
+    return (settings.rate_per_s - burst_credit(settings)) / (1 + settings.rate_headroom)
 
 
 class Budget(Protocol):
@@ -101,20 +108,23 @@ class ProcessBudget:
 
 @dataclass(slots=True)
 class Block:
-    """Slots granted at once: the `used`-th is due at `start + used * spacing` (monotonic)."""
+    """Slots granted at once: the `used`-th is due at `start + used * spacing` (monotonic), or
+    at `granted_at` if that is later (burst credit: slots dated before the grant)."""
 
     start: float
     spacing: float
     count: int
+    granted_at: float
+    local: bool = False  # paced here while Postgres is away
     used: int = 0
     lapsed: int = 0
 
     def due(self) -> float:
-        return self.start + self.used * self.spacing
+        return max(self.start + self.used * self.spacing, self.granted_at)
 
     def lapse_before(self, moment: float) -> int:
         """Skip the slots due before `moment`; returns how many lapsed."""
-        if self.spacing <= 0:
+        if self.spacing <= 0 or moment <= self.granted_at:
             return 0
         first_kept = max(self.used, math.ceil((moment - self.start) / self.spacing))
         first_kept = min(first_kept, self.count)
@@ -162,6 +172,7 @@ class FleetBudget:
         self._taking: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
         self._own_pause_at = -math.inf
+        self.pauses = 0  # 429s seen (here or elsewhere): slots taken before one are void
         self.log = get_logger(provider=provider, account=account)
 
     def _full_block(self) -> int:
@@ -178,11 +189,14 @@ class FleetBudget:
                 due = block.due()
                 block.used += 1
                 if due > now:
+                    pauses = self.pauses
                     try:
                         await asyncio.sleep(due - now)
                     except asyncio.CancelledError:
                         block.used -= 1  # not spent: a later acquire may use it
                         raise
+                    if self.pauses != pauses:  # a 429 meanwhile: this slot is void
+                        continue
                     if time.monotonic() - due > self.tolerance_s:  # woke too late to use it
                         block.lapsed += 1
                         self._lapsed(1)
@@ -250,7 +264,7 @@ class FleetBudget:
         )
         spacing = self.fleet_size / shaped
         start = max(self.local_next, now)
-        self.blocks.append(Block(start, spacing, count))
+        self.blocks.append(Block(start, spacing, count, granted_at=now, local=True))
         self.local_next = start + count * spacing
 
     def set_fleet_size(self, workers: int) -> None:
@@ -282,10 +296,15 @@ class FleetBudget:
             )
             return slots, time.monotonic()
 
+        pauses = self.pauses
         try:
             slots, received = await self.conn.run(take, give_up=self.give_up)
         except LostConnection:
             return  # stopping while Postgres is away: nothing more is sent
+        except asyncpg.PostgresError as exc:  # e.g. the lane's row is gone: not in a hot loop
+            self.log.error("send_slots_not_taken", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(SQL_ERROR_BACKOFF_S)
+            return
         finally:
             self._taking = None  # here, not in a done callback: a waiter must not see it done
         self.clock.sample(slots.now_at, received)
@@ -297,37 +316,43 @@ class FleetBudget:
         if self.local_since is not None:
             away_s = round(time.monotonic() - self.local_since, 1)
             self.local_since = None
+            self.blocks = deque(block for block in self.blocks if not block.local)
             self.log.info("send_slots_shared_again", paced_locally_s=away_s)
-        if slots.granted:
-            start = self.clock.local(slots.first_at)
-            self.blocks.append(Block(start, slots.spacing_s, slots.granted))
+        start = self.clock.local(slots.first_at)
+        if slots.granted and self.pauses == pauses:  # a block asked for before a 429 is void
+            self.blocks.append(Block(start, slots.spacing_s, slots.granted, granted_at=received))
             self.taken += slots.granted
         self.log.debug(
             "send_slots_taken",
             wanted=wanted,
             granted=slots.granted,
-            first_in_s=round(self.clock.local(slots.first_at) - time.monotonic(), 4),
-            first_at=slots.first_at,
+            first_in_s=round(start - received, 4),
             spacing_s=slots.spacing_s,
             lapsed_so_far=self.lapsed,
         )
 
     def throttled(self, pause_s: float) -> None:
+        self.pauses += 1
         self.blocks.clear()  # slots inside the pause are void
         self._own_pause_at = time.monotonic()
         self._spawn(self._tell_fleet(pause_s))
 
     def paused_elsewhere(self) -> None:
         if time.monotonic() - self._own_pause_at > 1.0:  # not the echo of our own 429
+            self.pauses += 1
             self.blocks.clear()
 
     async def _tell_fleet(self, pause_s: float) -> None:
-        rate = await self.conn.run(
-            lambda c: db.lane_throttled(
-                c, provider=self.provider, account=self.account, pause_s=pause_s
-            ),
-            give_up=self.give_up,
-        )
+        try:
+            rate = await self.conn.run(
+                lambda c: db.lane_throttled(
+                    c, provider=self.provider, account=self.account, pause_s=pause_s
+                ),
+                give_up=self.give_up,
+            )
+        except (LostConnection, asyncpg.PostgresError) as exc:
+            self.log.error("lane_pause_not_shared", error=f"{type(exc).__name__}: {exc}")
+            return
         if rate is not None and rate < self.rate * 0.99:
             self.log.warning("lane_rate_lowered", rate_per_s=round(rate, 2))
 
@@ -350,20 +375,24 @@ class ServerClock:
 
     A grant carries the server's time of the grant, which happened before its answer was read
     here: `server time - time read` is at most the true offset between the clocks, and closest
-    to it for the answer that came back quickest. The largest such value of the recent grants
-    is kept, so a slot is never sent before its time; a slow answer (this loop or the server
-    busy) cannot shift a block of slots early and bunch them with another worker's.
+    to it for the answer that came back quickest. The largest such value of the grants of the
+    last SAMPLE_AGE_S is kept, so a slot is not sent before its time and a slow answer (this
+    loop or the server busy) does not shift a block of slots. Samples age out, so that a clock
+    that drifts or steps (a failover to another server) is followed.
     """
 
-    SAMPLES = 32
+    SAMPLE_AGE_S = 10.0
 
     def __init__(self) -> None:
-        self.samples: deque[float] = deque(maxlen=self.SAMPLES)
+        self.samples: deque[tuple[float, float]] = deque()  # (read at, offset)
         self.offset = 0.0  # server time minus monotonic time
 
     def sample(self, server_at: float, received: float) -> None:
-        self.samples.append(server_at - received)
-        self.offset = max(self.samples)
+        samples = self.samples
+        samples.append((received, server_at - received))
+        while samples[0][0] < received - self.SAMPLE_AGE_S:
+            samples.popleft()
+        self.offset = max(offset for _, offset in samples)
 
     def local(self, server_at: float) -> float:
         return server_at - self.offset

@@ -51,13 +51,13 @@ WITH RECURSIVE top AS (
      WHERE state = 'pending' AND provider = $1 AND account = $2 AND run_at <= now()
      ORDER BY priority DESC LIMIT 1
 ),
--- its batches, in key order after the lane's cursor: a loose index scan, one probe per batch
+-- its batches with a job due, in key order after the lane's cursor: a loose index scan
 batches AS (
     SELECT first.batch, 1 AS n
       FROM top,
            LATERAL (SELECT coalesce(j.batch_id, '') AS batch FROM link_jobs AS j
                      WHERE j.state = 'pending' AND j.provider = $1 AND j.account = $2
-                       AND j.priority = top.priority
+                       AND j.priority = top.priority AND j.run_at <= now()
                        AND ($6::text IS NULL OR coalesce(j.batch_id, '') > $6)
                      ORDER BY coalesce(j.batch_id, '') LIMIT 1) AS first
     UNION ALL
@@ -66,6 +66,7 @@ batches AS (
            LATERAL (SELECT coalesce(j.batch_id, '') AS batch FROM link_jobs AS j
                      WHERE j.state = 'pending' AND j.provider = $1 AND j.account = $2
                        AND j.priority = top.priority AND coalesce(j.batch_id, '') > b.batch
+                       AND j.run_at <= now()
                      ORDER BY coalesce(j.batch_id, '') LIMIT 1) AS next
      WHERE b.n < $7
 ),
@@ -125,6 +126,8 @@ async def claim(
     after = cursor.after if cursor is not None else None
     batches = max(1, min(limit, CLAIM_BATCHES))
     rows = await conn.fetch(CLAIM, provider, account, limit, worker_id, lease_s, after, batches)
+    if not rows and after is not None:  # the round had reached the last batch: start again
+        rows = await conn.fetch(CLAIM, provider, account, limit, worker_id, lease_s, None, batches)
     if cursor is not None:
         # the walk stopped at its cap: go on after its last batch; it reached the end: start over
         full = bool(rows) and rows[0]["batches"] >= batches
@@ -483,15 +486,17 @@ async def lane_throttled(
 LANES_CHANNEL = "linkworker_lanes"  # NOTIFY 'provider/account': the lane was paused by a 429
 
 JOIN_LANES = """
--- this worker serves these lanes; workers not seen for the time to live are gone
+-- this worker serves these lanes, for the time to live; it keeps the place it joined at (the
+-- order of in-flight parts), also when it comes back after an outage
 WITH here AS (
-    INSERT INTO linkworker_lane_workers AS w (provider, account, worker_id)
-    SELECT provider, account, $1 FROM unnest($2::text[], $3::text[]) AS l(provider, account)
-    ON CONFLICT (provider, account, worker_id) DO UPDATE SET seen_at = now()
+    INSERT INTO linkworker_lane_workers AS w (provider, account, worker_id, alive_until)
+    SELECT provider, account, $1, now() + make_interval(secs => $4)
+      FROM unnest($2::text[], $3::text[]) AS l(provider, account)
+    ON CONFLICT (provider, account, worker_id) DO UPDATE SET alive_until = excluded.alive_until
     RETURNING w.provider
 )
-DELETE FROM linkworker_lane_workers
- WHERE seen_at < now() - make_interval(secs => $4) AND worker_id <> $1
+-- workers gone for a minute are forgotten
+DELETE FROM linkworker_lane_workers WHERE alive_until < now() - interval '60 seconds'
 """
 
 LANE_WORKERS = """
@@ -503,7 +508,7 @@ SELECT w.provider, w.account, l.max_in_flight, w.worker_id,
   FROM linkworker_lane_workers AS w
   JOIN linkworker_lanes AS l USING (provider, account)
  WHERE (w.provider, w.account) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-   AND w.seen_at >= now() - make_interval(secs => $3)
+   AND w.alive_until > now()
 WINDOW lane AS (PARTITION BY w.provider, w.account)
 """
 
@@ -534,7 +539,7 @@ async def lane_shares(
     providers = [provider for provider, _ in lanes]
     accounts = [account for _, account in lanes]
     await conn.execute(JOIN_LANES, worker_id, providers, accounts, ttl_s)
-    rows = await conn.fetch(LANE_WORKERS, providers, accounts, ttl_s)
+    rows = await conn.fetch(LANE_WORKERS, providers, accounts)
     return {
         (row["provider"], row["account"]): LaneShare(
             row["max_in_flight"], row["workers"], row["rank"], row["member_for_s"]
@@ -572,12 +577,12 @@ SELECT l.provider, l.account, l.rate_per_s, l.current_per_s, l.burst, l.max_in_f
             ELSE 0.0 END AS paused_for_s,
        (SELECT count(*) FROM linkworker_lane_workers AS w
          WHERE w.provider = l.provider AND w.account = l.account
-           AND w.seen_at >= now() - make_interval(secs => $1))::int AS workers
+           AND w.alive_until > now())::int AS workers
   FROM linkworker_lanes AS l
  ORDER BY l.provider, l.account
 """
 
 
-async def lane_states(conn: asyncpg.Connection, *, ttl_s: float) -> list[LaneState]:
+async def lane_states(conn: asyncpg.Connection) -> list[LaneState]:
     """Every lane's limits and budget state, with how many live workers serve it."""
-    return [LaneState(**dict(row)) for row in await conn.fetch(LANE_STATES, ttl_s)]
+    return [LaneState(**dict(row)) for row in await conn.fetch(LANE_STATES)]

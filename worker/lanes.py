@@ -90,8 +90,8 @@ class Lane:
         self.timeout = aiohttp.ClientTimeout(
             total=settings.timeout_s, sock_connect=settings.connect_timeout_s
         )
-        soon = math.ceil(rate * prefetch_s) + settings.max_in_flight
-        self.target = max(1, min(claim_batch_size, soon, math.floor(rate * lease_s / 2)))
+        self._sizing = (rate, prefetch_s, lease_s, claim_batch_size)
+        self.target = self._claim_target(1, settings.max_in_flight)
         self.buffer: deque[Job] = deque()
         self.in_flight: dict[asyncio.Task[None], Job] = {}
         self.starting: Job | None = None  # popped, waiting for a slot and a token
@@ -108,6 +108,21 @@ class Lane:
         metrics.set_rate_limit(settings.rate_per_s)
         metrics.set_max_in_flight(settings.max_in_flight)
         self.log = get_logger(provider=provider, account=account)
+
+    def _claim_target(self, workers: int, in_flight: int) -> int:
+        """How many jobs to hold: what this worker can start within `prefetch_s` (its part of
+        the lane's rate, and its in-flight slots), never more than it starts in half a lease."""
+        rate, prefetch_s, lease_s, claim_batch_size = self._sizing
+        rate /= max(1, workers)
+        soon = math.ceil(rate * prefetch_s) + in_flight
+        return max(1, min(claim_batch_size, soon, math.floor(rate * lease_s / 2)))
+
+    def set_share(self, workers: int, in_flight: int) -> None:
+        """This worker's part of the lane: `workers` serve it, `in_flight` calls are ours."""
+        self.budget.set_fleet_size(workers)
+        self.slots.set_limit(in_flight)
+        self.target = self._claim_target(workers, in_flight)
+        self.metrics.set_max_in_flight(in_flight)
 
     def share_with_fleet(self, conn: PgConnection, give_up: asyncio.Event) -> None:
         """Take the rate from the lane's budget in Postgres, shared by every worker, and the

@@ -37,7 +37,6 @@ from worker.errors import LinkworkerError
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 RECENT_BATCHES = 10
-WORKER_TTL_S = 6.0  # a worker not seen for this long is gone (3 x the default fleet_refresh_s)
 WATCH_INTERVAL_S = 2.0
 EXPORT_PREFETCH = 2000
 EXPORT_COLUMNS = (
@@ -166,7 +165,7 @@ async def fetch_status(conn: asyncpg.Connection, batch_id: str | None) -> Status
     batches = [BatchStatus(**dict(row)) for row in rows]
     if batch_id is not None and not batches:
         raise ReportError(f"no jobs in batch {batch_id!r}")
-    limits = await db.lane_states(conn, ttl_s=WORKER_TTL_S)
+    limits = await db.lane_states(conn)
     return Status(datetime.now(UTC), batch_id, lanes, batches, limits)
 
 

@@ -403,17 +403,21 @@ class Runner:
         settle_s = 1.5 * self.settings.fleet_refresh_s
         for lane in self.lanes:
             share = shares.get((lane.provider, lane.account))
-            lane.budget.set_fleet_size(share.workers if share is not None else 1)
             serving = lane.slots.limit > 0
             limit = share.in_flight(settle_s, serving=serving) if share is not None else 0
-            if limit != lane.slots.limit:
-                lane.slots.set_limit(limit)
-                lane.metrics.set_max_in_flight(limit)
-                workers = share.workers if share is not None else 0
-                self.log.info(
-                    "lane_share_changed", lane=lane.name, in_flight=limit, workers=workers
+            workers = share.workers if share is not None else 1
+            if limit == lane.slots.limit:
+                lane.set_share(workers, limit)
+                continue
+            lane.set_share(workers, limit)
+            self.log.info("lane_share_changed", lane=lane.name, in_flight=limit, workers=workers)
+            if limit == 0 and lane.buffer:  # others serve the lane now: hand our jobs back
+                job_ids = [job.id for job in lane.take_buffer()]
+                released = await db.release(
+                    conn, worker_id=self.settings.worker_id, job_ids=job_ids
                 )
-                lane.wake.set()
+                self.log.info("jobs_handed_back", lane=lane.name, jobs=released)
+            lane.wake.set()
 
     async def _stay_in_fleet(self) -> None:
         while not self.stop.is_set():
