@@ -60,6 +60,13 @@ class RunSummary:
         )
 
 
+BUDGET_LOCK_TIMEOUT = "2s"
+
+
+async def _budget_session(conn: asyncpg.Connection) -> None:
+    await conn.execute(f"SET lock_timeout = '{BUDGET_LOCK_TIMEOUT}'")
+
+
 def build_lanes(settings: Settings, metrics: Metrics) -> list[Lane]:
     """One lane per configured (provider, account)."""
     scrub = Scrubber(settings.secrets())
@@ -104,7 +111,11 @@ class Runner:
         self.listen = PgConnection(dsn, "listen")
         self.webhooks = PgConnection(dsn, "webhooks")
         self.snapshots = PgConnection(dsn, "metrics")  # never holds up the heartbeat
-        self.fleet = PgConnection(dsn, "budget", command_timeout_s=timeout_s)
+        # a lane row locked by someone else (an operator's open transaction) must not hold up
+        # every lane's sends: the take fails after BUDGET_LOCK_TIMEOUT and is tried again
+        self.fleet = PgConnection(
+            dsn, "budget", on_connect=_budget_session, command_timeout_s=timeout_s
+        )
         self.batch_done = asyncio.Event()  # NOTIFY linkworker_batch_done: a webhook may be due
         self.recorder = Recorder(
             PgConnection(dsn, "write", command_timeout_s=timeout_s),
