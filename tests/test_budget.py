@@ -249,3 +249,16 @@ async def test_a_pause_voids_the_slot_a_sender_is_waiting_for(
     assert time.monotonic() - paused_at >= 0.9  # it went only after the pause
     await first.close()
     await second.close()
+
+
+async def test_a_cancelled_wait_at_the_gate_is_forgotten() -> None:
+    gate = InFlightGate(1)
+    await gate.acquire()
+    waiters = [asyncio.ensure_future(gate.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()
+    gate.release()  # wakes past the cancelled waiter, to the next one
+    await waiters[1]
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[0]
+    assert gate.used == 1 and not gate._waiters

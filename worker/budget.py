@@ -417,7 +417,7 @@ class InFlightGate:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted as we were cancelled: pass it on
-            else:
+            elif waiter in self._waiters:  # (a wake-up may have dropped it already)
                 self._waiters.remove(waiter)
             raise
 
