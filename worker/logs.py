@@ -1,12 +1,12 @@
 """structlog, configured once at start: JSON lines when stderr is no terminal, colours when it is.
 
-Events are snake_case (`job_succeeded`); per-lane fields are bound on the lane's logger; values
+Events are snake_case (`job_failed`); per-lane fields are bound on the lane's logger; values
 that could hold secrets (headers, payloads, credentials) are never passed to a log call.
 
-The JSON chain is on the hot path (a line per job, thousands a second), so its two costly steps
-are done by hand: the timestamp reuses the formatted second and adds the microseconds, and the
-line is encoded by one JSONEncoder built once (structlog's JSONRenderer passes keyword arguments
-to json.dumps, which builds a new encoder for every line).
+The JSON chain can be on a hot path (at debug, a line per job, thousands a second), so its two
+costly steps are done by hand: the timestamp reuses the formatted second and adds the
+microseconds, and the line is encoded by one JSONEncoder built once (structlog's JSONRenderer
+passes keyword arguments to json.dumps, which builds a new encoder for every line).
 """
 
 from __future__ import annotations
