@@ -33,15 +33,15 @@ def test_a_line_is_one_json_object_with_bound_and_given_fields(
 ) -> None:
     def emit() -> None:
         log = get_logger(provider="cheqpay", account="default")
-        log.info("job_succeeded", job_id=7, attempt=1)
+        log.info("lane_progress", succeeded=7, failed=1)
 
     [line] = logged(capsys, emit)
     assert line == {
         "provider": "cheqpay",
         "account": "default",
-        "job_id": 7,
-        "attempt": 1,
-        "event": "job_succeeded",
+        "succeeded": 7,
+        "failed": 1,
+        "event": "lane_progress",
         "level": "info",
         "timestamp": line["timestamp"],
     }
