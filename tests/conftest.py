@@ -186,6 +186,7 @@ class WorkerProcess:
         try:
             while line := (await self.process.stderr.readline()).decode():
                 self.lines.append(line)
+                # job_succeeded is logged at debug: a test counting it runs at that level
                 self.successes += '"job_succeeded"' in line
                 self._changed.set()
         finally:

@@ -156,6 +156,7 @@ async def test_postgres_outage_mid_run_loses_nothing(
         sim.url,
         lanes={"rate_per_s": 60},
         lease_s=4,
+        log_level="debug",  # job_succeeded lines, counted by WorkerProcess
         **FAST,
     )
     try:
@@ -209,7 +210,7 @@ async def test_sigkill_chaos_loses_nothing_and_duplicates_only_unknown_outcomes(
         lanes={"rate_per_s": 150, "max_in_flight": 10, "timeout_s": 1.0},
         lease_s=3,
         flush_interval_s=0.25,
-        log_level="info",
+        log_level="debug",  # job_succeeded lines, counted by WorkerProcess
         **FAST,
     )
     draw = random.Random(13)

@@ -70,6 +70,7 @@ async def test_metrics_agree_with_the_database(
         sim.url,
         metrics_port=port,
         metrics_host="127.0.0.1",
+        log_level="debug",  # job_succeeded lines, counted by WorkerProcess
         **FAST,
     )
     worker = await WorkerProcess.start("run", "--config", str(config), env=cli_env())

@@ -147,7 +147,7 @@ async def test_notify_wakes_an_idle_worker_and_sigterm_stops_it(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
 ) -> None:
     config = write_config(
-        tmp_path / "lw.toml", database_url, sim.url, poll_interval_s=60, log_level="info"
+        tmp_path / "lw.toml", database_url, sim.url, poll_interval_s=60, log_level="debug"
     )
     worker = await WorkerProcess.start("run", "--config", str(config), env=cli_env())
     try:

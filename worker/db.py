@@ -179,7 +179,6 @@ UPDATE link_jobs AS j
        finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END
   FROM results AS r
  WHERE j.id = r.id AND j.state = 'running' AND j.locked_by = $1 AND j.attempts = r.attempt
-RETURNING j.id
 """
 
 
@@ -187,7 +186,8 @@ async def record(conn: asyncpg.Connection, *, worker_id: str, outcomes: Sequence
     """Write a batch of outcomes in one statement; returns how many rows were still ours."""
     # rows are locked in id order, as the heartbeat locks them, so the two cannot deadlock
     outcomes = sorted(outcomes, key=lambda outcome: outcome.job_id)
-    rows = await conn.fetch(
+    # the status ("UPDATE n") counts the rows written: no RETURNING rows to send and decode
+    status = await conn.execute(
         RECORD,
         worker_id,
         [o.job_id for o in outcomes],
@@ -202,7 +202,7 @@ async def record(conn: asyncpg.Connection, *, worker_id: str, outcomes: Sequence
         [o.unknown_outcome for o in outcomes],
         [o.refund_attempt for o in outcomes],
     )
-    return len(rows)
+    return int(status.rsplit(" ", 1)[1])
 
 
 EXTEND_LEASES = """

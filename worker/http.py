@@ -74,6 +74,9 @@ async def send(
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    length = response.content_length
+    if length is not None and length <= MAX_BODY_BYTES:
+        return await response.read()  # the usual answer: small, its length announced
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(64 * 1024):

@@ -332,9 +332,20 @@ class Lane:
         self.metrics.job_finished("retried" if outcome.state == "pending" else outcome.state)
         if outcome.state == "succeeded":
             counts.succeeded += 1
-            self.log.info(
+            # A line per success only at debug: at thousands of links a second it cost 7 % of
+            # the worker's CPU. Info gets the lane's first link, then a line per 1,000 links.
+            self.log.debug(
                 "job_succeeded", job_id=job.id, attempt=job.attempt, duration_ms=duration_ms
             )
+            if counts.succeeded % 1000 == 0 or counts.succeeded == 1:
+                self.log.info(
+                    "lane_progress",
+                    succeeded=counts.succeeded,
+                    failed=counts.failed,
+                    retried=counts.retried,
+                    throttled=counts.throttled,
+                    unknown=counts.unknown,
+                )
         elif outcome.state == "failed":
             counts.failed += 1
             self.log.warning(
