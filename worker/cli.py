@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Sequence
@@ -94,7 +95,14 @@ def _migrate_command(args: argparse.Namespace) -> int:
     return asyncio.run(_migrate(load_for_command(args)))
 
 
+# Every link allocates many short-lived objects (requests, answers, log events); with the
+# default gen-0 threshold (700) the collector runs every few links. 20,000 saves about 8% of the
+# worker's instructions per link (cachegrind, BENCHMARKS.md) and leaves peak memory flat.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)
     return asyncio.run(_run(load_for_command(args), drain=args.drain))
 
 
