@@ -17,6 +17,7 @@ import asyncio
 import csv
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from rich.table import Table
 
 from worker import db
 from worker.arguments import CONFIG_HELP, non_negative
+from worker.connection import wait_for_event
 from worker.enqueue import connected
 from worker.errors import LinkworkerError
 
@@ -278,13 +280,23 @@ Show = Callable[[Status], None]
 
 
 async def watch(conn: asyncpg.Connection, batch_id: str | None, show: Show, every_s: float) -> int:
-    """Show the status every `every_s` until cancelled (Ctrl-C) or the batch asked for is done."""
-    while True:
-        status = await fetch_status(conn, batch_id)
-        show(status)
-        if batch_id is not None and all(batch.done for batch in status.batches):
-            return 0
-        await asyncio.sleep(every_s)
+    """Show the status every `every_s` until Ctrl-C (SIGINT or SIGTERM: the refresh under way
+    ends first) or the batch asked for is done."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        while not stop.is_set():
+            status = await fetch_status(conn, batch_id)
+            show(status)
+            if batch_id is not None and all(batch.done for batch in status.batches):
+                return 0
+            await wait_for_event(stop, every_s)
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 def print_json(status: Status) -> None:
