@@ -207,7 +207,18 @@ async def test_sigkill_chaos_loses_nothing_and_duplicates_only_unknown_outcomes(
         tmp_path / "lw.toml",
         database_url,
         sim.url,
-        lanes={"rate_per_s": 150, "max_in_flight": 10, "timeout_s": 1.0},
+        # the limits are the two workers' together (fleet-wide); a restarted worker takes its
+        # part of the in-flight caps after 1.5 x fleet_refresh_s, and its kills must come
+        # before the survivor has drained the queue alone
+        # the storms must not open the breakers here (their own test is above): an open breaker
+        # spends a storm one probe at a time, with its cool-down doubling each time
+        lanes={
+            "rate_per_s": 200,
+            "max_in_flight": 20,
+            "timeout_s": 1.0,
+            "breaker_threshold": 1000,
+        },
+        fleet_refresh_s=0.25,
         lease_s=3,
         flush_interval_s=0.25,
         log_level="debug",  # job_succeeded lines, counted by WorkerProcess
@@ -219,10 +230,17 @@ async def test_sigkill_chaos_loses_nothing_and_duplicates_only_unknown_outcomes(
             await WorkerProcess.start("run", "--config", str(config), env=cli_env())
             for _ in range(2)
         ]
-        for _ in range(4):
+        for round_ in range(4):
+            # the victim is killed once the two have made 40 to 160 more links (the victim may
+            # have made none of them: a worker restarted a moment ago still holds claims)
             victim = draw.randrange(2)
-            target = workers[victim].successes + draw.randrange(40, 160)
-            await workers[victim].wait_for(lambda w, t=target: w.successes >= t)
+            target = sum(worker.successes for worker in workers) + draw.randrange(40, 160)
+            try:
+                await wait_until(lambda t=target: sum(w.successes for w in workers) >= t, 60)
+            except TimeoutError:
+                for n, worker in enumerate(workers):  # for the failure's report
+                    (tmp_path / f"round{round_}-worker{n}.log").write_text("".join(worker.lines))
+                raise
             await workers[victim].kill()
             workers[victim] = await WorkerProcess.start(
                 "run", "--config", str(config), env=cli_env()
