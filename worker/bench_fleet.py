@@ -40,11 +40,15 @@ KILL_AFTER = 1 / 3  # of the requests, when one worker of a fleet is SIGKILLed
 # and before the tail in which the killed worker's claimed jobs wait for their lease to run out.
 PACE_FROM, PACE_TO = 0.1, 0.8
 WORKER_KEYS = {"lease_s": 6, "fleet_refresh_s": 1.0}
+# Several worker processes, the simulator and Postgres on one small machine: their clocks and
+# the scheduling jitter on the way need more than the 1% default (measured on 2 cores: up to
+# 2 over the limit a window at 1%, none at 3%). Across hosts, give the network's jitter.
+HEADROOM = 0.03
 
 
 async def fleet_scenario(bench: Bench) -> ScenarioResult:
-    limit = bench.sizes.rate_limit_per_s
-    per_lane = round(limit * bench.sizes.rate_seconds)
+    limit = bench.sizes.rate_limit_per_s / 2  # 6 workers and 3 lanes must fit on 2 cores
+    per_lane = round(limit * bench.sizes.rate_seconds * 1.5)
     workdir = bench.directory("fleet")
     result = ScenarioResult("fleet")
     result.details = {"limit_per_s": limit, "jobs_per_lane": per_lane, "latency_ms": 50}
@@ -58,7 +62,7 @@ async def fleet_scenario(bench: Bench) -> ScenarioResult:
             await with_connection(bench.database_url, lambda conn: load_jobs(conn, jobs, LANES))
             async with (
                 StatsPoller(session, url, SAMPLE_S) as poller,
-                _fleet(bench, workdir, url, name, size) as workers,
+                _fleet(bench, workdir, url, name, size, limit) as workers,
             ):
                 if kill:
                     await _kill_one_after(poller, workers, round(jobs * KILL_AFTER))
@@ -71,7 +75,7 @@ async def fleet_scenario(bench: Bench) -> ScenarioResult:
 
 @contextlib.asynccontextmanager
 async def _fleet(
-    bench: Bench, workdir: Path, url: str, name: str, size: int
+    bench: Bench, workdir: Path, url: str, name: str, size: int, limit: float
 ) -> AsyncIterator[list[Child]]:
     """`size` workers draining the queue, each with its own id; killed if still running."""
     label = name.replace(" ", "_").replace(",", "")
@@ -82,8 +86,9 @@ async def _fleet(
                 workdir / f"{label}_{index}.toml",
                 database_url=bench.database_url,
                 base_url=url,
-                rate_per_s=bench.sizes.rate_limit_per_s,
+                rate_per_s=limit,
                 max_in_flight=RATE_IN_FLIGHT,
+                rate_headroom=HEADROOM,
                 worker_id=f"bench-{label}-{index}",
                 **WORKER_KEYS,
             )

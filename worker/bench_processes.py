@@ -245,12 +245,18 @@ def write_worker_config(
     base_url: str,
     rate_per_s: float,
     max_in_flight: int,
+    rate_headroom: float = 0.01,
     **worker_keys: object,
 ) -> Path:
     """A TOML configuration with the three benchmark lanes at the simulator."""
     top = {"database_url": database_url, "worker_id": "bench", "log_format": "json"}
     lines = [f"{key} = {_toml(value)}" for key, value in {**top, **worker_keys}.items()]
-    limits = {"base_url": base_url, "rate_per_s": rate_per_s, "max_in_flight": max_in_flight}
+    limits = {
+        "base_url": base_url,
+        "rate_per_s": rate_per_s,
+        "max_in_flight": max_in_flight,
+        "rate_headroom": rate_headroom,
+    }
     for provider, _ in LANES:
         lines.append(f"[providers.{provider}]")
         section = {**limits, **CREDENTIALS[provider]}

@@ -6,9 +6,10 @@ slots, about `BLOCK_S` of its rate, with one call of `linkworker_take_slots`, an
 at its slot's time, so the database is touched once per block whatever the number of workers.
 Slots are handed out in sequence to the whole fleet, spaced as the process limiter would space
 them, so every one-second window stays under the limit however many workers share the lane.
-A slot this worker could not use within a quarter of `rate_headroom` seconds of its time
-lapses (sending it later could bunch with the next ones; the rest of the headroom is for the
-workers' clocks and the jitter on the way); a dead worker's slots lapse within its last block.
+A slot this worker could not use within a quarter of `rate_headroom` seconds of its time (half,
+when it serves the lane alone) lapses: sending it later could bunch with the next ones; the rest
+of the headroom is for the workers' clocks and the jitter on the way. A dead worker's slots
+lapse within its last block.
 A block is no bigger than what the lane can send at once: its buffered jobs, its free
 in-flight slots.
 The next block is taken while half of the current one is left, so a round trip to Postgres
@@ -157,10 +158,8 @@ class FleetBudget:
         self.need = need  # jobs the lane could send right after this one (buffered, slots free)
         self.metrics = metrics
         self.give_up = give_up
-        # a quarter of the headroom for a late send; the rest for the clocks of several workers
-        # and the jitter on the way (measured: a fleet of 3 at 200/s went 1 over with half)
-        self.tolerance_s = max(settings.rate_headroom / 4, 0.001)
         self.settings = settings
+        self.tolerance_s = self._tolerance(1)
         self.rate = settings.rate_per_s  # the lane's rate as Postgres last said (adaptive: lower)
         self.blocks: deque[Block] = deque()
         self.block_cap = self._full_block()  # shrinks while slots lapse, grows while used
@@ -271,6 +270,14 @@ class FleetBudget:
 
     def set_fleet_size(self, workers: int) -> None:
         self.fleet_size = max(1, workers)
+        self.tolerance_s = self._tolerance(self.fleet_size)
+
+    def _tolerance(self, workers: int) -> float:
+        """How late a slot may still be used. Alone on a lane: half the headroom (the other
+        half for jitter on the way). With others: a quarter, the rest also covering how their
+        clocks map onto each other (measured: a fleet of 3 at 200/s went one over with half)."""
+        share = 2 if workers == 1 else 4
+        return max(self.settings.rate_headroom / share, 0.001)
 
     def _take_ahead(self) -> None:
         """Take the next block while half of this one is left, for the ready jobs that have no
