@@ -201,20 +201,25 @@ class Lane:
             self._start(session, job, request, record)
 
     async def _clear_to_send(self, job: Job, stop: asyncio.Event) -> bool:
-        """Breaker, slot, token, and the pause once more (a 429 may have come meanwhile)."""
+        """Breaker, in-flight slot, send slot, and the pause once more (a 429 may have come
+        meanwhile: then a new send slot, after the pause)."""
         await self._wait_breaker(stop)
         if stop.is_set():
             return False
-        try:
-            await self._acquire(job)
-        except LostConnection:  # stopping while Postgres is away: no slot for it
-            return False
-        if self.paused_until > time.monotonic():
-            await self._wait_unpaused(stop)
-        if stop.is_set():
+        while True:
+            try:
+                await self._acquire(job)
+            except LostConnection:  # stopping while Postgres is away: no slot for it
+                return False
+            if stop.is_set():
+                self.slots.release()
+                return False
+            if self.paused_until <= time.monotonic():
+                return True
+            # a 429 came while this job waited: its send slot, from before the pause, is void
+            # (sent after the pause it would bunch with the slots granted for then)
             self.slots.release()
-            return False
-        return True
+            await self._wait_unpaused(stop)
 
     async def _acquire(self, job: Job) -> None:
         """Take an in-flight slot, then a send slot; if cancelled, the job goes back unsent."""
