@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from worker import db
-from worker.budget import FleetBudget, InFlightGate, drain_rate
+from worker.budget import FleetBudget, InFlightGate, drain_rate, lane_limits
 from worker.connection import PgConnection
 from worker.metrics import LaneMetrics, Metrics
 from worker.settings import CheqpayAccount
@@ -25,15 +25,8 @@ def lane_settings(**limits: object) -> CheqpayAccount:
 
 
 async def configure(conn: asyncpg.Connection, settings: CheqpayAccount) -> None:
-    limits = db.LaneLimits(
-        rate_per_s=settings.rate_per_s,
-        burst=settings.burst,
-        max_in_flight=settings.max_in_flight,
-        rate_headroom=settings.rate_headroom,
-        adaptive=settings.adaptive,
-    )
     await db.configure_lane(
-        conn, provider="cheqpay", account="default", limits=limits, worker_id="test"
+        conn, provider="cheqpay", account="default", limits=lane_limits(settings), worker_id="t"
     )
 
 

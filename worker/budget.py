@@ -68,6 +68,17 @@ def drain_rate(settings: LaneSettings) -> float:
     return (settings.rate_per_s - burst_credit(settings)) / (1 + settings.rate_headroom)
 
 
+def lane_limits(settings: LaneSettings) -> db.LaneLimits:
+    """The limits a worker writes to its lane's row from its configuration."""
+    return db.LaneLimits(
+        rate_per_s=settings.rate_per_s,
+        burst=settings.burst,
+        max_in_flight=settings.max_in_flight,
+        rate_headroom=settings.rate_headroom,
+        adaptive=settings.adaptive,
+    )
+
+
 class Budget(Protocol):
     async def acquire(self) -> None:
         """Wait for this lane's next send slot. Raises LostConnection if told to give up."""

@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 
 from worker import __version__, db, http, webhooks
+from worker.budget import lane_limits
 from worker.connection import LostConnection, PgConnection, first_set, wait_for_event
 from worker.errors import ConfigError
 from worker.health import HealthServer, serve_health
@@ -376,14 +377,7 @@ class Runner:
     async def _configure_lanes(self, conn: asyncpg.Connection) -> None:
         """Write this worker's lane limits to `linkworker_lanes`, which every worker obeys."""
         for lane in self.lanes:
-            settings = lane.settings
-            limits = db.LaneLimits(
-                rate_per_s=settings.rate_per_s,
-                burst=settings.burst,
-                max_in_flight=settings.max_in_flight,
-                rate_headroom=settings.rate_headroom,
-                adaptive=settings.adaptive,
-            )
+            limits = lane_limits(lane.settings)
             changed, before = await db.configure_lane(
                 conn,
                 provider=lane.provider,
