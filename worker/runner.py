@@ -411,10 +411,10 @@ class Runner:
             serving = lane.slots.limit > 0
             limit = share.in_flight(settle_s, serving=serving) if share is not None else 0
             workers = share.workers if share is not None else 1
-            if limit == lane.slots.limit:
-                lane.set_share(workers, limit)
+            changed = limit != lane.slots.limit
+            lane.set_share(workers, limit)  # also the fleet size, which moves on its own
+            if not changed:
                 continue
-            lane.set_share(workers, limit)
             self.log.info("lane_share_changed", lane=lane.name, in_flight=limit, workers=workers)
             if limit == 0 and lane.buffer:  # others serve the lane now: hand our jobs back
                 job_ids = [job.id for job in lane.take_buffer()]
