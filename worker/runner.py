@@ -471,7 +471,10 @@ class Runner:
             self.log.warning("leases_lost", unsent_jobs_dropped=dropped)
 
     async def _watch_drain(self) -> None:
-        """Set the stop event once no job of our lanes is pending or running anywhere."""
+        """Set the stop event once no job of our lanes is pending or running anywhere. Jobs due
+        later (retries, scheduled runs) are waited for, looking again at poll pace: a producer
+        may make them due sooner or cancel them."""
+        told_waiting = 0  # the number of jobs due later last logged
         while not self.stop.is_set():
             await wait_for_event(self.stop, DRAIN_CHECK_S)
             if not all(lane.idle for lane in self.lanes) or not self.recorder.empty:
@@ -489,4 +492,12 @@ class Runner:
                 await wait_for_event(self.stop, self.settings.poll_interval_s)
                 await self.upkeep.run(self._upkeep_once)
             elif left.next_run_in_s is not None:
-                await wait_for_event(self.stop, max(0.0, left.next_run_in_s))
+                if left.waiting != told_waiting:
+                    told_waiting = left.waiting
+                    self.log.info(
+                        "drain_waiting",
+                        jobs_due_later=left.waiting,
+                        next_due_in_s=round(max(0.0, left.next_run_in_s), 1),
+                    )
+                wait_s = min(max(0.0, left.next_run_in_s), self.settings.poll_interval_s)
+                await wait_for_event(self.stop, wait_s)
