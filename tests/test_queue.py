@@ -91,6 +91,34 @@ async def test_write_back_is_fenced_by_holder_and_attempt(conn: asyncpg.Connecti
     assert json.loads(row["errors"])[0]["kind"] == "lease_expired"
 
 
+async def test_jobs_touched_by_id_are_looked_up_by_primary_key(conn: asyncpg.Connection) -> None:
+    """With statistics from when every job was pending, the write-back, heartbeat and hand-back
+    must not read every running job through the lease index (their cost would grow with the
+    jobs in flight across the fleet)."""
+    await add(conn, 3000)
+    await conn.execute("ANALYZE link_jobs")
+    jobs = await claim(conn, 2000)
+    ids = [job.id for job in jobs[:2]]
+    outcomes = [Outcome(job.id, job.attempt, "succeeded", url="https://u") for job in jobs[:2]]
+    record_args = [
+        [o.job_id for o in outcomes],
+        [o.attempt for o in outcomes],
+        [o.state for o in outcomes],
+        *([[None, None]] * 5),
+        [0.0, 0.0],
+        [False, False],
+        [False, False],
+    ]
+    plans = {
+        "record": await conn.fetch("EXPLAIN " + db.RECORD, "w1", *record_args),
+        "heartbeat": await conn.fetch("EXPLAIN " + db.EXTEND_LEASES, "w1", ids, 30.0),
+        "release": await conn.fetch("EXPLAIN " + db.RELEASE, "w1", ids),
+    }
+    for name, rows in plans.items():
+        plan = "\n".join(row[0] for row in rows)
+        assert "link_jobs_pkey" in plan and "link_jobs_lease" not in plan, f"{name}:\n{plan}"
+
+
 async def test_retry_outcome_keeps_history_and_pushes_run_at(conn: asyncpg.Connection) -> None:
     [job_id] = await add(conn, 1)
     [job] = await claim(conn, 1)

@@ -148,6 +148,13 @@ async def claim(
     return jobs
 
 
+# The statements that touch given jobs by id (write-back, heartbeat, hand-back) test
+# `state || '' = 'running'`, not `state = 'running'`: the plain test matches the lease index's
+# predicate, and with statistics taken while the jobs were pending the planner expects one
+# running row and reads every running row through that index instead of looking up each id
+# (measured: a write-back of 200 with 20,000 jobs running took 11.8 ms that way, 3.6 ms by
+# primary key, the same as with 400 running).
+
 RECORD = """
 -- the outcomes, one array per column
 WITH results AS (
@@ -178,7 +185,7 @@ UPDATE link_jobs AS j
        updated_at = now(),
        finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END
   FROM results AS r
- WHERE j.id = r.id AND j.state = 'running' AND j.locked_by = $1 AND j.attempts = r.attempt
+ WHERE j.id = r.id AND j.state || '' = 'running' AND j.locked_by = $1 AND j.attempts = r.attempt
 """
 
 
@@ -210,7 +217,7 @@ EXTEND_LEASES = """
 -- answer was lost with the connection is not kept alive forever: its lease runs out)
 UPDATE link_jobs
    SET locked_until = now() + make_interval(secs => $3)
- WHERE id = ANY($2::bigint[]) AND state = 'running' AND locked_by = $1
+ WHERE id = ANY($2::bigint[]) AND state || '' = 'running' AND locked_by = $1
 RETURNING id
 """
 
@@ -266,7 +273,7 @@ UPDATE link_jobs
        locked_by = NULL,
        locked_until = NULL,
        updated_at = now()
- WHERE id = ANY($2::bigint[]) AND state = 'running' AND locked_by = $1
+ WHERE id = ANY($2::bigint[]) AND state || '' = 'running' AND locked_by = $1
 """
 
 
