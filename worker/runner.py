@@ -38,6 +38,7 @@ from worker.retry import RetryPolicy
 from worker.settings import Settings
 
 DRAIN_CHECK_S = 0.05
+DRAIN_LOOK_MAX_S = 30.0  # the longest a draining worker waits between looks at jobs due later
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,12 +473,15 @@ class Runner:
 
     async def _watch_drain(self) -> None:
         """Set the stop event once no job of our lanes is pending or running anywhere. Jobs due
-        later (retries, scheduled runs) are waited for, looking again at poll pace: a producer
-        may make them due sooner or cancel them."""
+        later (retries, scheduled runs) are waited for, looking again from poll pace up to every
+        DRAIN_LOOK_MAX_S (the count reads every pending row): a producer may make them due
+        sooner, which the lanes see at once by NOTIFY, or cancel them."""
         told_waiting = 0  # the number of jobs due later last logged
+        look_s = self.settings.poll_interval_s  # while only jobs due later are left
         while not self.stop.is_set():
             await wait_for_event(self.stop, DRAIN_CHECK_S)
             if not all(lane.idle for lane in self.lanes) or not self.recorder.empty:
+                told_waiting, look_s = 0, self.settings.poll_interval_s
                 continue
             left = await self.upkeep.run(lambda c: db.backlog(c, lanes=list(self.by_name)))
             if left.empty:
@@ -499,5 +503,7 @@ class Runner:
                         jobs_due_later=left.waiting,
                         next_due_in_s=round(max(0.0, left.next_run_in_s), 1),
                     )
-                wait_s = min(max(0.0, left.next_run_in_s), self.settings.poll_interval_s)
-                await wait_for_event(self.stop, wait_s)
+                await wait_for_event(self.stop, min(max(0.0, left.next_run_in_s), look_s))
+                look_s = max(look_s, min(2 * look_s, DRAIN_LOOK_MAX_S))
+                continue
+            told_waiting, look_s = 0, self.settings.poll_interval_s
