@@ -162,24 +162,52 @@ async def test_notify_wakes_an_idle_worker_and_sigterm_stops_it(
     assert (await row(conn, job_id))["state"] == "succeeded"
 
 
-async def test_drain_waits_for_a_later_job_and_sees_it_made_due_sooner(
+async def draining_with_a_later_job(
     conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
-) -> None:
-    """A job due in an hour keeps a draining worker waiting; made due now by its producer, it
-    is sent and the worker exits, instead of sleeping out the hour."""
+) -> tuple[WorkerProcess, Path, int]:
+    """A job of batch 'later' due in an hour, and a draining worker that has said it waits."""
     job_id = await conn.fetchval(
-        "INSERT INTO link_jobs (provider, payload, run_at)"
-        " VALUES ('cheqpay', $1::jsonb, now() + interval '1 hour') RETURNING id",
+        "INSERT INTO link_jobs (provider, payload, run_at, batch_id)"
+        " VALUES ('cheqpay', $1::jsonb, now() + interval '1 hour', 'later') RETURNING id",
         json.dumps(good_payload("cheqpay", 1)),
     )
     config = write_config(tmp_path / "lw.toml", database_url, sim.url, **FAST)
     worker = await WorkerProcess.start("run", "--drain", "--config", str(config), env=cli_env())
     try:
         await worker.wait_for_log('"drain_waiting"')
-        assert worker.saw('"jobs_due_later": 1')
+    except BaseException:
+        await worker.kill()
+        raise
+    assert worker.saw('"jobs_due_later": 1')
+    return worker, config, job_id
+
+
+async def test_drain_waits_for_a_later_job_and_sees_it_made_due_sooner(
+    conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
+) -> None:
+    """A job due in an hour keeps a draining worker waiting; made due now by its producer, it
+    is sent and the worker exits, instead of sleeping out the hour."""
+    worker, _, job_id = await draining_with_a_later_job(conn, database_url, sim, tmp_path)
+    try:
         await conn.execute("UPDATE link_jobs SET run_at = now() WHERE id = $1", job_id)
         assert await worker.finish(timeout_s=30) == 0
     finally:
         await worker.kill()
     assert (await row(conn, job_id))["state"] == "succeeded"
     assert sim.state.created == 1
+
+
+async def test_drain_stops_waiting_for_a_later_job_that_is_cancelled(
+    conn: asyncpg.Connection, database_url: str, sim: RunningSimulator, tmp_path: Path
+) -> None:
+    worker, config, job_id = await draining_with_a_later_job(conn, database_url, sim, tmp_path)
+    try:
+        code, _, err = await run_cli(
+            "cancel", "--batch", "later", "--config", str(config), env=cli_env()
+        )
+        assert code == 0, err
+        assert await worker.finish(timeout_s=30) == 0
+    finally:
+        await worker.kill()
+    assert (await row(conn, job_id))["state"] == "cancelled"
+    assert sim.state.requests == 0
